@@ -1,0 +1,1 @@
+"""Guest memory adapters (plugins discovered through `pagefusion.adapters`)."""

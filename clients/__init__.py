@@ -1,0 +1,1 @@
+"""pagefusion's Python client library, CLI and test harness."""

@@ -1,0 +1,1 @@
+"""pagefusion's gRPC server: thin servicers over the engine."""
