@@ -15,7 +15,9 @@ class EngineError(Exception):
     code = "INTERNAL"
     reason = "ENGINE_ERROR"
 
-    def __init__(self, message: str, *, field: str | None = None, reason: str | None = None) -> None:
+    def __init__(
+        self, message: str, *, field: str | None = None, reason: str | None = None
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.field = field

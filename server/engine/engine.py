@@ -1,0 +1,875 @@
+"""The fusion engine: one host copy of every identical guest page.
+
+Read this first.
+
+pagefusion hosts the memory of many virtual machines. Each machine's
+guest-physical memory is a set of page ranges read from a source (an
+adapter: a snapshot file, a live shared-memory segment, a synthetic Windows
+guest). The engine keeps every mapped guest page in exactly one state:
+
+    ZERO     all bytes zero; backed by no host memory (frame 0, the zero frame)
+    PRIVATE  backed by a host frame no other guest page uses
+    SHARED   backed by a frame that two or more guest pages use
+
+and an address outside the ranges is UNMAPPED. Reading a guest page always
+returns exactly what a machine without fusion would return (transparency);
+writing a SHARED page first gives the writer its own copy (copy on write).
+
+The data structures, and why they are shaped this way:
+
+* The frame pool (pool.py): one reserved anonymous mapping carved into 4 KiB
+  frames with a 16-bit refcount each, grown in 2 MiB huge-page chunks and
+  shrunk by handing fully free chunks back to the kernel. The pool, not
+  Python objects, is what the host pays for.
+* Guest page maps: per machine one uint32 array, guest page -> frame id
+  (4 bytes per guest page; state is derived: frame 0 is ZERO, refcount 1 is
+  PRIVATE, refcount >= 2 is SHARED). No per-page Python object anywhere.
+* The fusion index (index.py): per fusion domain, keyed mmh3 128-bit hashes
+  of page content (the seed is a secret chosen at start) in sorted numpy
+  runs. The index only proposes; a full byte comparison decides. Machines of
+  different domains never share a frame, and only machines with page fusion
+  on take part. Frames that are indexed carry the INDEXED flag; a frame
+  whose content changes or that is freed drops out of the index.
+
+Paths that share pages:
+
+* Ingest (start_machine): a source is read in large batches; zero pages are
+  found vectorised and elided; the rest are hashed, grouped inside the
+  batch, looked up in the domain's index, confirmed byte by byte and shared.
+  All savings exist when start_machine returns, unlike KSM, which needs two
+  full passes before it merges anything.
+* Scans (scan): live sources are re-read; a changed page is a guest write
+  (copy on write applies) and is held back from fusion until it has stayed
+  unchanged for ``stable_scans_before_merge`` scans (KSM's volatile rule);
+  private pages not yet indexed are then fused like at ingest.
+
+Accounting is exact at every instant, because every operation runs under
+one lock and updates the counters with the maps:
+
+    guest pages = frames used + pages saved + zero pages
+
+where pages saved is the sum over frames of (refcount - 1), KSM's
+pages_sharing. Counts of a machine that is still starting cover the pages
+ingested so far, so the identity holds while machines load too.
+"""
+
+from __future__ import annotations
+
+import bisect
+import contextlib
+import secrets
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+
+import mmh3
+import numpy as np
+from pagefusion.adapters.base import GuestMemory, GuestModule, MemoryRange
+from pagefusion.server.engine.errors import (
+    AlreadyExistsError,
+    FailedPreconditionError,
+    InvalidArgumentError,
+    MachineNotRunningError,
+    OutOfRangeError,
+    SourceFailedError,
+)
+from pagefusion.server.engine.index import FusionIndex
+from pagefusion.server.engine.pool import MAX_REFCOUNT, FramePool, host_memory_bytes
+from pagefusion.server.engine.types import (
+    PAGE_SIZE,
+    FusionConfig,
+    FusionMode,
+    FusionStats,
+    HostStats,
+    MachineStats,
+    PageInfo,
+    PageState,
+    ScanResult,
+)
+
+INDEXED = 1
+#: Pages per ingest batch: large enough to amortise numpy calls, small
+#: enough that a group of equal pages fits a 16-bit refcount.
+BATCH_PAGES = 16384
+_ZERO_PAGE = bytes(PAGE_SIZE)
+_STABLE_MAX = 255
+
+
+class _Machine:
+    """One machine's guest page map and where its pages came from."""
+
+    def __init__(
+        self,
+        machine_id: str,
+        memory: GuestMemory,
+        ranges: list[MemoryRange],
+        page_fusion: bool,
+        domain: str,
+    ) -> None:
+        self.machine_id = machine_id
+        self.memory = memory
+        self.ranges = ranges
+        self.page_fusion = page_fusion
+        self.domain = domain
+        self.starts = [r.address for r in ranges]
+        self.offsets: list[int] = []
+        total = 0
+        for r in ranges:
+            self.offsets.append(total)
+            total += r.pages
+        self.pages = total
+        self.map = np.zeros(total, dtype=np.uint32)
+        self.ingested = 0
+        self.running = False
+        self.zero = 0
+        self.live = bool(getattr(memory, "live", False))
+        # Scans seen unchanged, per page; only live sources change by themselves.
+        self.stable = np.full(total, _STABLE_MAX, dtype=np.uint8) if self.live else None
+
+    def index_of(self, address: int) -> int:
+        """Flat page index of the page holding ``address``, or -1 if unmapped."""
+        i = bisect.bisect_right(self.starts, address) - 1
+        if i < 0:
+            return -1
+        r = self.ranges[i]
+        if address >= r.end:
+            return -1
+        return self.offsets[i] + (address - r.address) // PAGE_SIZE
+
+    def span(self, address: int, length: int) -> np.ndarray:
+        """Flat page indices covering [address, address + length).
+
+        Raises:
+            OutOfRangeError: any byte of the span is unmapped.
+        """
+        if address < 0 or length < 0:
+            raise InvalidArgumentError("address and length must not be negative", field="address")
+        first = address // PAGE_SIZE
+        last = (address + max(length, 1) - 1) // PAGE_SIZE
+        out = np.empty(last - first + 1, dtype=np.int64)
+        page = first
+        while page <= last:
+            i = bisect.bisect_right(self.starts, page * PAGE_SIZE) - 1
+            r = self.ranges[i] if i >= 0 else None
+            if r is None or page * PAGE_SIZE >= r.end:
+                raise OutOfRangeError(
+                    f"guest-physical address {page * PAGE_SIZE:#x} of machine "
+                    f"{self.machine_id!r} is unmapped (mapped: {self.describe_ranges()})",
+                    field="address",
+                )
+            run_end = min(last + 1, r.end // PAGE_SIZE)
+            base = self.offsets[i] + page - r.address // PAGE_SIZE
+            out[page - first : run_end - first] = np.arange(base, base + run_end - page)
+            page = run_end
+        return out
+
+    def describe_ranges(self, limit: int = 4) -> str:
+        shown = ", ".join(f"{r.address:#x}-{r.end - 1:#x}" for r in self.ranges[:limit])
+        return shown + (", ..." if len(self.ranges) > limit else "")
+
+
+class FusionEngine:
+    """Hosts guest memory and fuses identical pages. Thread-safe.
+
+    Args:
+        max_pool_bytes: the most host memory the frame pool may use; default
+            the host's physical memory.
+        hash_seed: seed of the keyed content hash; default a secret random one.
+        config: initial fusion settings.
+    """
+
+    def __init__(
+        self,
+        *,
+        max_pool_bytes: int | None = None,
+        hash_seed: int | None = None,
+        config: FusionConfig | None = None,
+    ) -> None:
+        self._lock = threading.RLock()
+        limit = max_pool_bytes if max_pool_bytes is not None else host_memory_bytes()
+        self._pool = FramePool(max(1, limit // PAGE_SIZE))
+        self._arena = self._pool.frames.data.cast("B")
+        self._seed = hash_seed if hash_seed is not None else secrets.randbits(32)
+        self._config = replace(config) if config is not None else FusionConfig()
+        self._validate_config(self._config)
+        self._machines: dict[str, _Machine] = {}
+        self._indexes: dict[str, FusionIndex] = {}
+        self._guest_pages = 0
+        self._zero_pages = 0
+        self._frames_shared = 0
+        self._full_scans = 0
+        self._scan_cursor: tuple[str, int] = ("", 0)
+
+    # -- configuration ------------------------------------------------------
+
+    @property
+    def config(self) -> FusionConfig:
+        with self._lock:
+            return replace(self._config)
+
+    def set_config(self, config: FusionConfig) -> FusionConfig:
+        """Replace the fusion settings; returns the new settings."""
+        self._validate_config(config)
+        with self._lock:
+            self._config = replace(config)
+            return replace(self._config)
+
+    @staticmethod
+    def _validate_config(config: FusionConfig) -> None:
+        if config.mode not in (FusionMode.HINTS, FusionMode.CONTENT, FusionMode.ALL):
+            raise InvalidArgumentError(
+                "mode must be FUSION_MODE_HINTS, FUSION_MODE_CONTENT or FUSION_MODE_ALL",
+                field="config.mode",
+            )
+        if config.pages_per_second < 1:
+            raise InvalidArgumentError(
+                "pages_per_second must be at least 1", field="config.pages_per_second"
+            )
+        if not 0 <= config.stable_scans_before_merge <= _STABLE_MAX - 1:
+            raise InvalidArgumentError(
+                f"stable_scans_before_merge must be between 0 and {_STABLE_MAX - 1}",
+                field="config.stable_scans_before_merge",
+            )
+
+    # -- machines -----------------------------------------------------------
+
+    def start_machine(
+        self,
+        machine_id: str,
+        memory: GuestMemory,
+        *,
+        page_fusion: bool,
+        fusion_domain: str = "default",
+        progress: Callable[[int, int], None] | None = None,
+    ) -> MachineStats:
+        """Read a machine's memory from ``memory`` and fuse it.
+
+        Blocks until every page is ingested; all savings exist on return.
+        Takes ownership of ``memory``: it is closed when the machine stops
+        or when the start fails, in which case nothing of it remains.
+
+        Args:
+            progress: called with (pages done, pages total) after each batch.
+
+        Raises:
+            AlreadyExistsError: the machine is already running or starting.
+            InvalidArgumentError: the source's ranges are unusable.
+            ResourceExhaustedError: the pool's budget would be exceeded.
+            SourceFailedError: the source could not be read.
+        """
+        try:
+            ranges = self._checked_ranges(machine_id, memory)
+            machine = _Machine(machine_id, memory, ranges, page_fusion, fusion_domain or "default")
+            with self._lock:
+                if machine_id in self._machines:
+                    raise AlreadyExistsError(
+                        f"machine {machine_id!r} is already running", reason="MACHINE_RUNNING"
+                    )
+                self._machines[machine_id] = machine
+        except BaseException:
+            memory.close()
+            raise
+        try:
+            for r, offset in zip(ranges, machine.offsets, strict=True):
+                for first in range(0, r.pages, BATCH_PAGES):
+                    n = min(BATCH_PAGES, r.pages - first)
+                    data = self._read_source(machine, r.address + first * PAGE_SIZE, n)
+                    with self._lock:
+                        self._ingest(machine, offset + first, data)
+                    if progress is not None:
+                        progress(machine.ingested, machine.pages)
+            with self._lock:
+                machine.running = True
+                return self._machine_stats(machine)
+        except BaseException:
+            with self._lock:
+                self._drop(machine)
+            memory.close()
+            raise
+
+    def stop_machine(self, machine_id: str) -> None:
+        """Release a running machine's pages and close its source."""
+        with self._lock:
+            machine = self._running(machine_id)
+            self._drop(machine)
+        machine.memory.close()
+
+    def is_running(self, machine_id: str) -> bool:
+        with self._lock:
+            m = self._machines.get(machine_id)
+            return m is not None and m.running
+
+    def running_machines(self) -> list[str]:
+        with self._lock:
+            return sorted(k for k, m in self._machines.items() if m.running)
+
+    def ranges(self, machine_id: str) -> list[MemoryRange]:
+        with self._lock:
+            return list(self._running(machine_id).ranges)
+
+    def modules(self, machine_id: str) -> Sequence[GuestModule]:
+        """The modules the machine's source reports (a guest agent's view)."""
+        with self._lock:
+            machine = self._running(machine_id)
+            return tuple(machine.memory.modules())
+
+    def _checked_ranges(self, machine_id: str, memory: GuestMemory) -> list[MemoryRange]:
+        ranges = list(memory.ranges())
+        if not ranges:
+            raise InvalidArgumentError(
+                f"the memory source of machine {machine_id!r} has no memory",
+                field="machine.memory_source",
+            )
+        end = -1
+        for r in ranges:
+            if r.address % PAGE_SIZE or r.size % PAGE_SIZE or r.size <= 0 or r.address < end:
+                raise InvalidArgumentError(
+                    f"the memory source of machine {machine_id!r} gave an unusable range "
+                    f"{r.address:#x}+{r.size:#x} (ranges must be page aligned, sorted and "
+                    "not overlap)",
+                    field="machine.memory_source",
+                )
+            end = r.end
+        return ranges
+
+    def _read_source(self, machine: _Machine, address: int, pages: int) -> np.ndarray:
+        length = pages * PAGE_SIZE
+        try:
+            buf = machine.memory.read(address, length)
+        except Exception as exc:
+            if hasattr(exc, "option"):  # an adapter error: the server maps it
+                raise
+            raise SourceFailedError(
+                f"reading {length} bytes at {address:#x} from the source of machine "
+                f"{machine.machine_id!r} failed: {exc}"
+            ) from exc
+        data = np.frombuffer(buf, dtype=np.uint8)
+        if len(data) != length:
+            raise SourceFailedError(
+                f"the source of machine {machine.machine_id!r} returned {len(data)} bytes "
+                f"at {address:#x}, expected {length}"
+            )
+        return data.reshape(pages, PAGE_SIZE)
+
+    def _running(self, machine_id: str) -> _Machine:
+        m = self._machines.get(machine_id)
+        if m is None or not m.running:
+            state = "still starting" if m is not None else "not running"
+            raise MachineNotRunningError(f"machine {machine_id!r} is {state}")
+        return m
+
+    def _drop(self, machine: _Machine) -> None:
+        """Forget a machine and release every frame it holds (under the lock)."""
+        if self._machines.get(machine.machine_id) is not machine:
+            return
+        frames = machine.map[: machine.ingested]
+        self._decref(frames[frames != 0], machine.domain)
+        self._guest_pages -= machine.ingested
+        self._zero_pages -= machine.zero
+        machine.map = np.zeros(0, dtype=np.uint32)
+        machine.ingested = 0
+        machine.running = False
+        del self._machines[machine.machine_id]
+
+    # -- ingest -------------------------------------------------------------
+
+    def _ingest(self, machine: _Machine, base: int, data: np.ndarray) -> None:
+        """Map one batch of freshly read pages at flat index ``base``."""
+        n = len(data)
+        words = data.view(np.uint64)
+        nonzero = np.flatnonzero(np.bitwise_or.reduce(words, axis=1))
+        if len(nonzero):
+            if machine.page_fusion and self._config.mode.content:
+                frames = self._fuse_new(data, words, nonzero, machine.domain)
+            else:
+                frames = self._pool.alloc(len(nonzero))
+                self._pool.frames[frames] = data[nonzero]
+                self._pool.refcount[frames] = 1
+            machine.map[base + nonzero] = frames
+        zeros = n - len(nonzero)
+        machine.zero += zeros
+        machine.ingested = base + n
+        self._zero_pages += zeros
+        self._guest_pages += n
+
+    def _hash(self, flat: memoryview, rows: np.ndarray) -> np.ndarray:
+        """Keyed mmh3 x64 128-bit hashes of 4 KiB rows of ``flat``, as (k, 2) uint64."""
+        digest = mmh3.mmh3_x64_128_digest
+        seed = self._seed
+        out = b"".join(
+            [digest(flat[r * PAGE_SIZE : (r + 1) * PAGE_SIZE], seed) for r in rows.tolist()]
+        )
+        return np.frombuffer(out, dtype=np.uint64).reshape(-1, 2)
+
+    def _index(self, domain: str) -> FusionIndex:
+        index = self._indexes.get(domain)
+        if index is None:
+            index = self._indexes[domain] = FusionIndex()
+        return index
+
+    def _insert(self, index: FusionIndex, keys: np.ndarray, frames: np.ndarray) -> None:
+        # A removed entry must be gone before its frame can be indexed again.
+        for other in self._indexes.values():
+            other.flush()
+        self._pool.flags[frames] |= INDEXED
+        index.insert(keys, frames)
+
+    def _find(
+        self, index: FusionIndex, key: int, page: np.ndarray, extra: int, exclude: int = 0
+    ) -> int:
+        """Slow path: an indexed frame equal to ``page`` that can take ``extra`` users."""
+        pool = self._pool
+        for frame in index.candidates(key):
+            if frame == exclude or not pool.flags[frame] & INDEXED:
+                continue
+            if not np.array_equal(pool.words[frame], page):
+                continue
+            if int(pool.refcount[frame]) + extra <= MAX_REFCOUNT:
+                return frame
+            # Saturated: let the next copy of this content start a new frame.
+            index.remove(np.array([key], dtype=np.uint32), np.array([frame], dtype=np.uint32))
+            pool.flags[frame] &= ~np.uint8(INDEXED)
+        return 0
+
+    def _group(
+        self, flat: memoryview, words: np.ndarray, rows: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Hash ``rows`` and group equal pages.
+
+        Returns (keys, reps, inverse, counts, odd): per group its index key,
+        representative row and size; per row its group; and the positions of
+        rows whose hash matched a group but whose bytes did not (they are
+        left out of every group and must be handled alone).
+        """
+        hashes = self._hash(flat, rows)
+        uniq, first, inverse, counts = np.unique(
+            hashes[:, 0], return_index=True, return_inverse=True, return_counts=True
+        )
+        reps = rows[first]
+        rep_of = reps[inverse]
+        members = np.flatnonzero(rows != rep_of)
+        odd = members[:0]
+        if len(members):
+            differs = (words[rows[members]] != words[rep_of[members]]).any(axis=1)
+            odd = members[differs]
+            if len(odd):
+                counts = counts - np.bincount(inverse[odd], minlength=len(counts))
+        keys = (uniq >> np.uint64(32)).astype(np.uint32)
+        return keys, reps, inverse, counts, odd
+
+    def _match(
+        self,
+        index: FusionIndex,
+        keys: np.ndarray,
+        reps: np.ndarray,
+        counts: np.ndarray,
+        words: np.ndarray,
+        own: np.ndarray | None = None,
+    ) -> np.ndarray:
+        """For each group, an indexed frame with equal content that can take
+        the group's pages (0 where there is none). Mutates nothing but the
+        index's saturated entries."""
+        pool = self._pool
+        found = np.zeros(len(keys), dtype=np.uint32)
+        cand = index.lookup(keys)
+        has = np.flatnonzero(cand)
+        if not len(has):
+            return found
+        frames = cand[has]
+        ok = (pool.flags[frames] & INDEXED) != 0
+        ok &= pool.refcount[frames].astype(np.int64) + counts[has] <= MAX_REFCOUNT
+        if own is not None:
+            ok &= frames != own[has]
+        good = has[ok]
+        equal = np.zeros(len(has), dtype=bool)
+        equal[ok] = (pool.words[frames[ok]] == words[reps[good]]).all(axis=1)
+        found[has[equal]] = frames[equal]
+        for g in has[~equal].tolist():  # collisions, stale or saturated entries
+            found[g] = self._find(
+                index,
+                int(keys[g]),
+                words[reps[g]],
+                int(counts[g]),
+                exclude=int(own[g]) if own is not None else 0,
+            )
+        return found
+
+    def _fuse_new(
+        self, data: np.ndarray, words: np.ndarray, rows: np.ndarray, domain: str
+    ) -> np.ndarray:
+        """Frames for new non-zero pages ``rows`` of ``data``, fused by content.
+
+        Returns one frame per row, each already counting that row's reference.
+        """
+        pool = self._pool
+        flat = data.data.cast("B")
+        index = self._index(domain)
+        keys, reps, inverse, counts, odd = self._group(flat, words, rows)
+        found = self._match(index, keys, reps, counts, words)
+        new = np.flatnonzero(found == 0)
+        # Check the budget before mutating anything, so a refusal leaves no trace.
+        fresh = pool.alloc(len(new) + len(odd))
+        matched = np.flatnonzero(found)
+        self._incref(found[matched], counts[matched])
+        if len(new):
+            frames = fresh[: len(new)]
+            pool.frames[frames] = data[reps[new]]
+            pool.refcount[frames] = counts[new]
+            self._frames_shared += int(np.count_nonzero(counts[new] >= 2))
+            self._insert(index, keys[new], frames)
+            found[new] = frames
+        out = found[inverse]
+        if len(odd):  # a 64-bit hash collision inside the batch: keep them private
+            lone = fresh[len(new) :]
+            pool.frames[lone] = data[rows[odd]]
+            pool.refcount[lone] = 1
+            out[odd] = lone
+        return out
+
+    # -- reference counts ---------------------------------------------------
+
+    def _incref(self, frames: np.ndarray, counts: np.ndarray) -> None:
+        """Add counts[i] users to distinct frames[i]."""
+        if not len(frames):
+            return
+        rc = self._pool.refcount
+        before = rc[frames].astype(np.int64)
+        after = before + counts
+        self._frames_shared += int(np.count_nonzero((after >= 2) & (before < 2)))
+        rc[frames] = after
+
+    def _decref(self, frames: np.ndarray, domain: str) -> None:
+        """Drop one user per entry of ``frames`` (repeats allowed); free frames left unused."""
+        if not len(frames):
+            return
+        pool = self._pool
+        if len(frames) > 1:
+            uniq, counts = np.unique(frames, return_counts=True)
+        else:
+            uniq, counts = frames, np.ones(1, dtype=np.int64)
+        before = pool.refcount[uniq].astype(np.int64)
+        after = before - counts
+        self._frames_shared -= int(np.count_nonzero((before >= 2) & (after < 2)))
+        pool.refcount[uniq] = after
+        freed = uniq[after == 0]
+        self._unindex(freed[(pool.flags[freed] & INDEXED) != 0], domain)
+        pool.release(freed)
+
+    def _unindex(self, frames: np.ndarray, domain: str) -> None:
+        """Take frames out of their domain's index (before content changes or frees)."""
+        if not len(frames):
+            return
+        hashes = self._hash(self._arena, frames)
+        self._index(domain).remove((hashes[:, 0] >> np.uint64(32)).astype(np.uint32), frames)
+        self._pool.flags[frames] &= ~np.uint8(INDEXED)
+
+    # -- guest access -------------------------------------------------------
+
+    def read(self, machine_id: str, address: int, length: int) -> bytes:
+        """Guest memory as the guest sees it.
+
+        Raises:
+            MachineNotRunningError, OutOfRangeError.
+        """
+        with self._lock:
+            machine = self._running(machine_id)
+            if length == 0:
+                machine.span(address, 0)
+                return b""
+            pages = machine.span(address, length)
+            lo = address % PAGE_SIZE
+            if len(pages) == 1:
+                start = int(machine.map[pages[0]]) * PAGE_SIZE + lo
+                return bytes(self._arena[start : start + length])
+            rows = self._pool.frames[machine.map[pages]]
+            return rows.reshape(-1)[lo : lo + length].tobytes()
+
+    def write(self, machine_id: str, address: int, data: bytes) -> int:
+        """Write guest memory; returns how many SHARED pages were copied on write.
+
+        Nothing changes if any byte of the span is unmapped.
+        """
+        with self._lock:
+            machine = self._running(machine_id)
+            pages = machine.span(address, len(data))
+            if not data:
+                return 0
+            if machine.live and hasattr(machine.memory, "write"):
+                with contextlib.suppress(NotImplementedError):
+                    machine.memory.write(address, bytes(data))
+            return self._write_pages(machine, pages, address, memoryview(data))
+
+    def _write_pages(
+        self, machine: _Machine, pages: np.ndarray, address: int, data: memoryview
+    ) -> int:
+        copied = 0
+        offset = 0
+        lo = address % PAGE_SIZE
+        for page in pages.tolist():
+            hi = min(PAGE_SIZE, lo + len(data) - offset)
+            copied += self._write_page(machine, page, lo, data[offset : offset + hi - lo])
+            offset += hi - lo
+            lo = 0
+        return copied
+
+    def _write_page(self, machine: _Machine, page: int, lo: int, chunk: memoryview) -> int:
+        """Apply a write inside one guest page; 1 if it broke sharing."""
+        pool = self._pool
+        arena = self._arena
+        frame = int(machine.map[page])
+        zeros = bytes(chunk).count(0) == len(chunk)
+        if frame == 0:
+            if zeros:
+                return 0
+            new = pool.alloc_one()
+            start = new * PAGE_SIZE
+            arena[start : start + PAGE_SIZE] = _ZERO_PAGE
+            arena[start + lo : start + lo + len(chunk)] = chunk
+            pool.refcount[new] = 1
+            machine.map[page] = new
+            machine.zero -= 1
+            self._zero_pages -= 1
+            if machine.stable is not None:
+                machine.stable[page] = 0
+            return 0
+        start = frame * PAGE_SIZE
+        if machine.stable is not None:
+            machine.stable[page] = 0
+        if pool.refcount[frame] == 1:
+            if pool.flags[frame] & INDEXED:
+                self._unindex(np.array([frame], dtype=np.uint32), machine.domain)
+            arena[start + lo : start + lo + len(chunk)] = chunk
+            if zeros and not pool.words[frame].any():
+                self._to_zero(machine, page, frame)
+            return 0
+        # SHARED: the writer gets its own copy; the other users keep the frame.
+        new = pool.alloc_one()
+        dest = new * PAGE_SIZE
+        arena[dest : dest + PAGE_SIZE] = arena[start : start + PAGE_SIZE]
+        arena[dest + lo : dest + lo + len(chunk)] = chunk
+        pool.refcount[new] = 1
+        pool.refcount[frame] -= 1
+        if pool.refcount[frame] == 1:
+            self._frames_shared -= 1
+        machine.map[page] = new
+        if zeros and not pool.words[new].any():
+            self._to_zero(machine, page, new)
+        return 1
+
+    def _to_zero(self, machine: _Machine, page: int, frame: int) -> None:
+        """A private page became all zeros: back to ZERO, frame freed."""
+        self._pool.refcount[frame] = 0
+        self._pool.release_one(frame)
+        machine.map[page] = 0
+        machine.zero += 1
+        self._zero_pages += 1
+
+    def page_info(self, machine_id: str, address: int) -> PageInfo:
+        """State and share count of the page holding ``address``."""
+        with self._lock:
+            machine = self._running(machine_id)
+            if address < 0:
+                raise InvalidArgumentError("address must not be negative", field="address")
+            page = machine.index_of(address)
+            if page < 0:
+                return PageInfo(PageState.UNMAPPED, 0)
+            frame = int(machine.map[page])
+            if frame == 0:
+                return PageInfo(PageState.ZERO, 0)
+            users = int(self._pool.refcount[frame])
+            return PageInfo(PageState.SHARED if users >= 2 else PageState.PRIVATE, users)
+
+    # -- scans --------------------------------------------------------------
+
+    def scan(
+        self, machine_ids: Sequence[str] | None = None, *, page_budget: int | None = None
+    ) -> ScanResult:
+        """Re-read live sources and fuse pages not yet fused.
+
+        Changed pages of live sources are guest writes (copy on write). With
+        ``page_budget`` the scan resumes where the last budgeted scan
+        stopped and examines at most that many pages (the background scanner).
+
+        Raises:
+            MachineNotRunningError: a named machine is not running.
+        """
+        with self._lock:
+            if machine_ids:
+                targets = [self._running(mid) for mid in dict.fromkeys(machine_ids)]
+            else:
+                targets = [
+                    self._machines[k] for k in sorted(self._machines) if self._machines[k].running
+                ]
+            cursor_id, cursor_page = self._scan_cursor if page_budget is not None else ("", 0)
+        scanned = fused = copied = 0
+        budget = page_budget if page_budget is not None else -1
+        wrapped = True
+        for machine in targets:
+            if page_budget is not None and machine.machine_id < cursor_id:
+                continue
+            pos = cursor_page if machine.machine_id == cursor_id else 0
+            while pos < machine.pages:
+                if budget == 0:
+                    wrapped = False
+                    with self._lock:
+                        self._scan_cursor = (machine.machine_id, pos)
+                    break
+                n = min(BATCH_PAGES, machine.pages - pos)
+                if budget > 0:
+                    n = min(n, budget)
+                done, f, c = self._scan_batch(machine, pos, n)
+                if done == 0:  # the machine stopped under us
+                    break
+                pos += done
+                scanned += done
+                fused += f
+                copied += c
+                if budget > 0:
+                    budget -= done
+            if not wrapped:
+                break
+        with self._lock:
+            if wrapped:
+                self._full_scans += 1
+                self._scan_cursor = ("", 0)
+        return ScanResult(pages_scanned=scanned, pages_fused=fused, pages_copied_on_write=copied)
+
+    def _scan_batch(self, machine: _Machine, first: int, n: int) -> tuple[int, int, int]:
+        """Scan n pages from flat page ``first``; returns (pages done, fused, copied)."""
+        fresh: np.ndarray | None = None
+        if machine.live:
+            address, left = self._address_of(machine, first)
+            n = min(n, left)  # a read never crosses a range boundary
+            fresh = self._read_source(machine, address, n)
+        with self._lock:
+            if self._machines.get(machine.machine_id) is not machine or not machine.running:
+                return 0, 0, 0
+            copied = self._apply_changes(machine, first, fresh) if fresh is not None else 0
+            fused = 0
+            if machine.page_fusion and self._config.mode.content:
+                fused = self._fuse_existing(machine, first, first + n)
+            return n, fused, copied
+
+    def _address_of(self, machine: _Machine, page: int) -> tuple[int, int]:
+        """Guest address of flat page ``page`` and the pages left in its range."""
+        i = bisect.bisect_right(machine.offsets, page) - 1
+        r = machine.ranges[i]
+        within = page - machine.offsets[i]
+        return r.address + within * PAGE_SIZE, r.pages - within
+
+    def _apply_changes(self, machine: _Machine, first: int, fresh: np.ndarray) -> int:
+        """Pages of a live source that differ from what we hold are guest writes."""
+        assert machine.stable is not None
+        n = len(fresh)
+        frames = machine.map[first : first + n]
+        held = self._pool.words[frames]
+        changed = np.flatnonzero((held != fresh.view(np.uint64)).any(axis=1))
+        stable = machine.stable[first : first + n]
+        np.minimum(stable.astype(np.int16) + 1, _STABLE_MAX, out=stable, casting="unsafe")
+        copied = 0
+        for i in changed.tolist():
+            copied += self._write_page(machine, first + i, 0, fresh[i].data)
+            stable[i] = 0
+        return copied
+
+    def _fuse_existing(self, machine: _Machine, lo: int, hi: int) -> int:
+        """Fuse private, unindexed (and stable) pages in [lo, hi); returns pages fused."""
+        pool = self._pool
+        frames = machine.map[lo:hi]
+        eligible = (
+            (frames != 0) & (pool.refcount[frames] == 1) & ((pool.flags[frames] & INDEXED) == 0)
+        )
+        if machine.stable is not None:
+            eligible &= machine.stable[lo:hi] >= self._config.stable_scans_before_merge
+        pages = lo + np.flatnonzero(eligible)
+        if not len(pages):
+            return 0
+        own = machine.map[pages]
+        index = self._index(machine.domain)
+        keys, reps, inverse, counts, odd = self._group(self._arena, pool.words, own)
+        # reps are frame ids here (rows of the arena).
+        found = self._match(index, keys, reps, counts, pool.words, own=reps)
+        keep = np.flatnonzero(found == 0)
+        if len(keep):  # no equal frame yet: the group's first frame becomes canonical
+            found[keep] = reps[keep]
+            self._insert(index, keys[keep], reps[keep])
+        target = found[inverse]
+        if len(odd):
+            target[odd] = own[odd]
+        moved = np.flatnonzero(target != own)
+        if not len(moved):
+            return 0
+        new_frames = target[moved]
+        uniq, counts_moved = np.unique(new_frames, return_counts=True)
+        self._incref(uniq, counts_moved)
+        machine.map[pages[moved]] = new_frames
+        self._decref(own[moved], machine.domain)
+        return len(moved)
+
+    # -- figures ------------------------------------------------------------
+
+    def machine_stats(self, machine_id: str) -> MachineStats:
+        with self._lock:
+            return self._machine_stats(self._running(machine_id))
+
+    def _machine_stats(self, machine: _Machine) -> MachineStats:
+        frames = machine.map[: machine.ingested]
+        users = self._pool.refcount[frames]
+        shared = int(np.count_nonzero(users >= 2))
+        volatile = 0
+        if machine.stable is not None:
+            volatile = int(
+                np.count_nonzero(
+                    machine.stable[: machine.ingested] < self._config.stable_scans_before_merge
+                )
+            )
+        return MachineStats(
+            machine_id=machine.machine_id,
+            guest_pages=machine.ingested,
+            zero_pages=machine.zero,
+            private_pages=machine.ingested - machine.zero - shared,
+            shared_pages=shared,
+            volatile_pages=volatile,
+        )
+
+    def stats(self) -> FusionStats:
+        """Host counters and one entry per running machine, from one instant."""
+        with self._lock:
+            machines = tuple(
+                self._machine_stats(self._machines[k])
+                for k in sorted(self._machines)
+                if self._machines[k].running
+            )
+            used = self._pool.used
+            saved = self._guest_pages - self._zero_pages - used
+            metadata = self._pool.metadata_bytes + sum(i.nbytes for i in self._indexes.values())
+            for m in self._machines.values():
+                metadata += m.map.nbytes + (m.stable.nbytes if m.stable is not None else 0)
+            host = HostStats(
+                guest_pages=self._guest_pages,
+                zero_pages=self._zero_pages,
+                private_pages=used - self._frames_shared,
+                shared_pages=saved + self._frames_shared,
+                frames_used=used,
+                frames_shared=self._frames_shared,
+                pages_saved=saved,
+                frames_free=self._pool.free_frames,
+                volatile_pages=sum(m.volatile_pages for m in machines),
+                full_scans=self._full_scans,
+                metadata_bytes=metadata,
+                pool_bytes_reserved=self._pool.reserved_bytes,
+            )
+            return FusionStats(host=host, machines=machines)
+
+    def close(self) -> None:
+        """Stop every machine and give the pool back."""
+        with self._lock:
+            machines = list(self._machines.values())
+            for m in machines:
+                self._drop(m)
+        for m in machines:
+            m.memory.close()
+
+    def _check_idle(self) -> None:  # pragma: no cover - debugging aid
+        if self._machines:
+            raise FailedPreconditionError("machines are still running")

@@ -1,0 +1,101 @@
+"""The fusion index of one fusion domain: page content hash -> frame.
+
+An entry is one uint64: the top 32 bits of the page's keyed mmh3 128-bit
+hash, then the 32-bit frame id. Entries live in a few sorted runs (a small
+log-structured merge: a batch of inserts becomes a run, and runs of similar
+size merge), so a batch of lookups is one ``searchsorted`` per run and an
+indexed frame costs 8 bytes, with no per-entry Python object.
+
+The index only proposes candidates. The engine confirms every candidate
+with a full byte comparison before sharing, and ignores candidates whose
+frame no longer carries the INDEXED flag (removed entries linger until the
+next insert flushes them, which is why inserts flush first).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+_LOW = np.uint64(0xFFFFFFFF)
+_SHIFT = np.uint64(32)
+
+
+def entries(keys: np.ndarray, frames: np.ndarray) -> np.ndarray:
+    return (keys.astype(np.uint64) << _SHIFT) | frames.astype(np.uint64)
+
+
+class FusionIndex:
+    """Sorted runs of (key, frame) entries for one fusion domain."""
+
+    def __init__(self) -> None:
+        self._runs: list[np.ndarray] = []
+        self._pending: list[np.ndarray] = []
+
+    def __len__(self) -> int:
+        return sum(len(r) for r in self._runs)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(r.nbytes for r in self._runs) + sum(p.nbytes for p in self._pending)
+
+    def lookup(self, keys: np.ndarray) -> np.ndarray:
+        """For each key, the frame of its first entry (uint32), or 0 if none."""
+        found = np.zeros(len(keys), dtype=np.uint32)
+        if not len(keys):
+            return found
+        probe = keys.astype(np.uint64) << _SHIFT
+        for run in self._runs:
+            pos = np.searchsorted(run, probe)
+            inside = pos < len(run)
+            hit = np.zeros(len(keys), dtype=bool)
+            hit[inside] = (run[pos[inside]] >> _SHIFT) == keys[inside]
+            take = hit & (found == 0)
+            found[take] = (run[pos[take]] & _LOW).astype(np.uint32)
+        return found
+
+    def candidates(self, key: int) -> list[int]:
+        """Every frame indexed under ``key`` (the slow path for collisions)."""
+        lo = np.uint64(key) << _SHIFT
+        hi = lo | _LOW
+        out: list[int] = []
+        for run in self._runs:
+            a = int(np.searchsorted(run, lo, side="left"))
+            b = int(np.searchsorted(run, hi, side="right"))
+            out.extend(int(e) & 0xFFFFFFFF for e in run[a:b])
+        return out
+
+    def insert(self, keys: np.ndarray, frames: np.ndarray) -> None:
+        """Add entries; the caller has flushed removals (see module docstring)."""
+        if not len(keys):
+            return
+        self._runs.append(np.sort(entries(keys, frames)))
+        while len(self._runs) > 1 and len(self._runs[-2]) <= 2 * len(self._runs[-1]):
+            last = self._runs.pop()
+            self._runs[-1] = np.sort(np.concatenate((self._runs[-1], last)), kind="stable")
+
+    def remove(self, keys: np.ndarray, frames: np.ndarray) -> None:
+        """Schedule entries for removal (applied by :meth:`flush`)."""
+        if len(keys):
+            self._pending.append(entries(keys, frames))
+
+    @property
+    def has_pending(self) -> bool:
+        return bool(self._pending)
+
+    def flush(self) -> None:
+        """Apply scheduled removals."""
+        if not self._pending:
+            return
+        gone = np.unique(np.concatenate(self._pending))
+        self._pending.clear()
+        runs = []
+        for run in self._runs:
+            pos = np.searchsorted(run, gone)
+            inside = pos < len(run)
+            pos = pos[inside]
+            pos = pos[run[pos] == gone[inside]]
+            if len(pos):
+                run = np.delete(run, pos)
+            if len(run):
+                runs.append(run)
+        self._runs = runs

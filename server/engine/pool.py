@@ -1,0 +1,226 @@
+"""The host frame pool: where the one copy of every distinct page lives.
+
+One large anonymous mapping is reserved up front (MAP_NORESERVE: address
+space only, no memory) and used from the bottom in 2 MiB chunks, advised as
+huge pages. Frame ``f`` is the 4 KiB at ``f * PAGE_SIZE``. Frame 0 is the
+zero frame: never handed out, never written, so a guest page mapped to 0 is
+a ZERO page backed by no memory at all.
+
+Per frame the pool keeps a 16-bit reference count (the number of guest pages
+using it, like VirtualBox's shared-page refcount) and a flag byte the engine
+owns. Free frames sit on a stack; the stack is kept in descending order after
+large frees so that allocation reuses low frames first and high chunks drain.
+A chunk whose frames are all free is handed back to the operating system
+(MADV_DONTNEED), so process RSS really falls when machines stop; its frames
+leave the stack and the chunk waits on a list until it is needed again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import mmap
+import os
+
+import numpy as np
+from pagefusion.server.engine.errors import ResourceExhaustedError
+from pagefusion.server.engine.types import PAGE_SIZE
+
+CHUNK_FRAMES = 512  # 2 MiB: one transparent huge page
+MAX_REFCOUNT = 0xFFFF
+_MAP_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000)
+
+
+def host_memory_bytes() -> int:
+    """Physical memory of this host."""
+    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+
+
+class FramePool:
+    """Refcounted 4 KiB frames in one reserved arena.
+
+    Not thread-safe: the engine calls it under its lock.
+
+    Attributes:
+        frames: the arena as a (frames, 4096) uint8 array (rows are frames).
+        words: the same memory as (frames, 512) uint64, for fast compares.
+        refcount: uint16 per frame.
+        flags: uint8 per frame, owned by the engine.
+        used: frames with refcount >= 1.
+    """
+
+    def __init__(self, max_frames: int) -> None:
+        if max_frames < 1:
+            raise ValueError("the pool needs room for at least one frame")
+        self.max_frames = max_frames
+        chunks = -(-(max_frames + 1) // CHUNK_FRAMES)
+        self._reserved_frames = chunks * CHUNK_FRAMES
+        self._mm = mmap.mmap(
+            -1,
+            self._reserved_frames * PAGE_SIZE,
+            flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_NORESERVE,
+        )
+        # Huge pages halve first-touch cost where the kernel allows them.
+        with contextlib.suppress(AttributeError, OSError):
+            self._mm.madvise(mmap.MADV_HUGEPAGE)
+        self.frames = np.frombuffer(self._mm, dtype=np.uint8).reshape(-1, PAGE_SIZE)
+        self.words = self.frames.view(np.uint64)
+        self.refcount = np.zeros(CHUNK_FRAMES, dtype=np.uint16)
+        self.flags = np.zeros(CHUNK_FRAMES, dtype=np.uint8)
+        self.used = 0
+        self._hwm = 1  # frames below this have been handed out at least once
+        self._free = np.zeros(CHUNK_FRAMES, dtype=np.uint32)
+        self._nfree = 0
+        self._chunk_used = np.zeros(chunks, dtype=np.int32)
+        self._chunk_held = np.zeros(chunks, dtype=bool)
+        self._released: list[int] = []
+
+    # -- figures ------------------------------------------------------------
+
+    @property
+    def held_frames(self) -> int:
+        """Frames the pool holds: in use, or free inside a chunk it has not given back."""
+        return self.used + self._nfree
+
+    @property
+    def free_frames(self) -> int:
+        """Frames the pool holds but no guest page uses (RAM/VMM/Free)."""
+        return self._nfree
+
+    @property
+    def reserved_bytes(self) -> int:
+        return self._reserved_frames * PAGE_SIZE
+
+    @property
+    def metadata_bytes(self) -> int:
+        return int(
+            self.refcount.nbytes
+            + self.flags.nbytes
+            + self._free.nbytes
+            + self._chunk_used.nbytes
+            + self._chunk_held.nbytes
+        )
+
+    @staticmethod
+    def _chunk_of(frame: int) -> int:
+        return frame // CHUNK_FRAMES
+
+    # -- allocation ---------------------------------------------------------
+
+    def alloc(self, n: int) -> np.ndarray:
+        """Hand out ``n`` frames (refcount 0, content undefined) as uint32 ids.
+
+        Raises:
+            ResourceExhaustedError: the pool's budget would be exceeded.
+        """
+        if n <= 0:
+            return np.zeros(0, dtype=np.uint32)
+        if self.used + n > self.max_frames:
+            raise ResourceExhaustedError(
+                f"the frame pool needs {n} more frames but only "
+                f"{self.max_frames - self.used} of its {self.max_frames} "
+                f"({self.max_frames * PAGE_SIZE // (1 << 20)} MiB budget) are left",
+            )
+        parts: list[np.ndarray] = []
+        need = n
+        while need:
+            if self._nfree:
+                k = min(need, self._nfree)
+                parts.append(self._free[self._nfree - k : self._nfree][::-1].copy())
+                self._nfree -= k
+                need -= k
+            elif self._released:
+                chunk = self._released.pop()
+                self._chunk_held[chunk] = True
+                first = max(chunk * CHUNK_FRAMES, 1)
+                self._push(np.arange(chunk * CHUNK_FRAMES + CHUNK_FRAMES - 1, first - 1, -1))
+            else:
+                k = need
+                parts.append(np.arange(self._hwm, self._hwm + k, dtype=np.uint32))
+                self._grow(self._hwm + k)
+                self._chunk_held[
+                    self._chunk_of(self._hwm) : self._chunk_of(self._hwm + k - 1) + 1
+                ] = True
+                self._hwm += k
+                need = 0
+        out = parts[0] if len(parts) == 1 else np.concatenate(parts)
+        self._chunk_used += np.bincount(
+            out // CHUNK_FRAMES, minlength=len(self._chunk_used)
+        ).astype(np.int32)
+        self.used += n
+        return out
+
+    def alloc_one(self) -> int:
+        """Hand out one frame; the fast path of copy on write."""
+        if self._nfree and self.used < self.max_frames:
+            self._nfree -= 1
+            frame = int(self._free[self._nfree])
+            self._chunk_used[frame // CHUNK_FRAMES] += 1
+            self.used += 1
+            return frame
+        return int(self.alloc(1)[0])
+
+    def release(self, frames: np.ndarray) -> None:
+        """Return frames whose refcount has dropped to 0; drain empty chunks."""
+        n = len(frames)
+        if n == 0:
+            return
+        frames = frames.astype(np.uint32, copy=False)
+        self.flags[frames] = 0
+        self._push(frames)
+        counts = np.bincount(frames // CHUNK_FRAMES, minlength=len(self._chunk_used))
+        self._chunk_used -= counts.astype(np.int32)
+        self.used -= n
+        touched = np.flatnonzero(counts)
+        empty = touched[(self._chunk_used[touched] == 0) & self._chunk_held[touched]]
+        if len(empty):
+            self._drain(empty)
+        if n > 4096:  # keep low frames on top of the stack: high chunks drain
+            self._free[: self._nfree] = np.sort(self._free[: self._nfree])[::-1]
+
+    def release_one(self, frame: int) -> None:
+        self.flags[frame] = 0
+        self._push(np.array([frame], dtype=np.uint32))
+        chunk = frame // CHUNK_FRAMES
+        self._chunk_used[chunk] -= 1
+        self.used -= 1
+        if self._chunk_used[chunk] == 0:
+            self._drain(np.array([chunk]))
+
+    def _push(self, frames: np.ndarray) -> None:
+        end = self._nfree + len(frames)
+        if end > len(self._free):
+            grown = np.zeros(max(end, 2 * len(self._free)), dtype=np.uint32)
+            grown[: self._nfree] = self._free[: self._nfree]
+            self._free = grown
+        self._free[self._nfree : end] = frames
+        self._nfree = end
+
+    def _drain(self, chunks: np.ndarray) -> None:
+        """Give fully free chunks back to the operating system."""
+        for chunk in chunks.tolist():
+            start = chunk * CHUNK_FRAMES * PAGE_SIZE
+            try:
+                self._mm.madvise(mmap.MADV_DONTNEED, start, CHUNK_FRAMES * PAGE_SIZE)
+            except OSError:  # pragma: no cover - the kernel refused; keep it held
+                continue
+            self._chunk_held[chunk] = False
+            self._released.append(chunk)
+        stack = self._free[: self._nfree]
+        keep = self._chunk_held[stack // CHUNK_FRAMES]
+        kept = stack[keep]
+        self._nfree = len(kept)
+        self._free[: self._nfree] = kept
+
+    def _grow(self, hwm: int) -> None:
+        if hwm <= len(self.refcount):
+            return
+        cap = min(max(hwm, 2 * len(self.refcount)), self._reserved_frames)
+        for name in ("refcount", "flags"):
+            old = getattr(self, name)
+            new = np.zeros(cap, dtype=old.dtype)
+            new[: len(old)] = old
+            setattr(self, name, new)
+
+    def close(self) -> None:
+        del self.frames, self.words
+        self._mm.close()
