@@ -1,0 +1,143 @@
+"""Assembling the server: engine, registry, servicers, reflection and health.
+
+:class:`PagefusionServer` is what ``pagefusion-server`` runs and what
+in-process tests start on port 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import structlog
+from grpc import aio
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from pagefusion.adapters.base import Adapter
+from pagefusion.adapters.registry import load_adapters
+from pagefusion.server.engine import FusionEngine
+from pagefusion.server.fusion import FusionServicer
+from pagefusion.server.guest_memory import MAX_TRANSFER_BYTES, GuestMemoryServicer
+from pagefusion.server.interceptors import ServerInterceptor
+from pagefusion.server.inventory import Inventory
+from pagefusion.server.machines import MachineServicer
+from pagefusion.server.performance import PerformanceServicer
+from pagefusion.server.registry import Registry
+from pagefusion.v1 import (
+    fusion_pb2,
+    fusion_pb2_grpc,
+    guest_memory_pb2,
+    guest_memory_pb2_grpc,
+    machine_pb2,
+    machine_pb2_grpc,
+    performance_pb2,
+    performance_pb2_grpc,
+)
+
+log = structlog.get_logger(__name__)
+
+#: Messages may carry a full 4 MiB transfer plus the rest of the message.
+MAX_MESSAGE_BYTES = MAX_TRANSFER_BYTES + (1 << 20)
+
+SERVICE_NAMES = (
+    machine_pb2.DESCRIPTOR.services_by_name["MachineService"].full_name,
+    guest_memory_pb2.DESCRIPTOR.services_by_name["GuestMemoryService"].full_name,
+    fusion_pb2.DESCRIPTOR.services_by_name["FusionService"].full_name,
+    performance_pb2.DESCRIPTOR.services_by_name["PerformanceService"].full_name,
+)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What ``pagefusion-server``'s flags set."""
+
+    listen: str = "127.0.0.1:50051"
+    data_dir: Path = Path("data")
+    allow_paths: tuple[Path, ...] = ()
+    metrics_listen: str | None = None
+    max_pool_bytes: int | None = None
+    #: Seconds in-flight calls get to finish on shutdown.
+    grace_seconds: float = 10.0
+    options: tuple[tuple[str, int], ...] = field(default_factory=tuple)
+
+
+class PagefusionServer:
+    """The pagefusion gRPC server, with its engine and registry.
+
+    Args:
+        settings: flags.
+        adapters: adapters by name; default: every installed adapter.
+    """
+
+    def __init__(self, settings: Settings, adapters: Mapping[str, Adapter] | None = None) -> None:
+        self.settings = settings
+        self.registry = Registry(settings.data_dir)
+        self.engine = FusionEngine(
+            max_pool_bytes=settings.max_pool_bytes, config=self.registry.load_fusion_config()
+        )
+        self.adapters = dict(load_adapters() if adapters is None else adapters)
+        self.inventory = Inventory(self.registry)
+        self.health = health.aio.HealthServicer()
+        self.port = 0
+        allowed = tuple(p.resolve() for p in settings.allow_paths)
+        self._server = aio.server(
+            interceptors=[ServerInterceptor()],
+            options=[
+                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                *settings.options,
+            ],
+        )
+        machine_pb2_grpc.add_MachineServiceServicer_to_server(
+            MachineServicer(self.inventory, self.engine, self.adapters, allowed), self._server
+        )
+        guest_memory_pb2_grpc.add_GuestMemoryServiceServicer_to_server(
+            GuestMemoryServicer(self.inventory, self.engine), self._server
+        )
+        fusion_pb2_grpc.add_FusionServiceServicer_to_server(
+            FusionServicer(self.inventory, self.engine, self.registry), self._server
+        )
+        performance_pb2_grpc.add_PerformanceServiceServicer_to_server(
+            PerformanceServicer(), self._server
+        )
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
+        reflection.enable_server_reflection(
+            (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), self._server
+        )
+
+    async def start(self) -> int:
+        """Bind, start serving and report SERVING; returns the bound port."""
+        self.port = self._server.add_insecure_port(self.settings.listen)
+        if self.port == 0:
+            raise OSError(f"cannot listen on {self.settings.listen}")
+        await self._server.start()
+        self._start_metrics()
+        for service in ("", *SERVICE_NAMES):
+            await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        log.info(
+            "serving", listen=self.settings.listen, port=self.port,
+            data_dir=str(self.settings.data_dir), adapters=sorted(self.adapters),
+            machines=len(self.inventory.ids()),
+        )
+        return self.port
+
+    def _start_metrics(self) -> None:
+        """Hook for the Prometheus ``/metrics`` endpoint (``--metrics-listen``)."""
+        if self.settings.metrics_listen:
+            log.warning("metrics_endpoint_not_served_yet",
+                        metrics_listen=self.settings.metrics_listen)
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Report NOT_SERVING, refuse new calls, let in-flight ones finish, release memory."""
+        await self.health.enter_graceful_shutdown()
+        await self._server.stop(self.settings.grace_seconds if grace is None else grace)
+        for machine_id in self.engine.running_machines():
+            await asyncio.to_thread(self.engine.stop_machine, machine_id)
+        self.engine.close()
+        self.registry.close()
+        log.info("stopped")
+
+    async def wait_for_termination(self) -> None:
+        await self._server.wait_for_termination()

@@ -1,0 +1,103 @@
+"""GuestMemoryService: reads, writes and page states of running machines.
+
+The hint-path RPCs (shared modules, as VirtualBox's guest agent drives them)
+land with their own issue; until then they answer UNIMPLEMENTED.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from grpc import aio
+from pagefusion.server.engine import FusionEngine
+from pagefusion.server.errors import failed_precondition, invalid_argument, unimplemented
+from pagefusion.server.inventory import Inventory
+from pagefusion.server.resources import parse_machine_name
+from pagefusion.v1 import guest_memory_pb2 as pb
+from pagefusion.v1 import guest_memory_pb2_grpc, machine_pb2
+
+#: Largest ReadGuestMemory / WriteGuestMemory transfer.
+MAX_TRANSFER_BYTES = 4 << 20
+
+_HINTS_LATER = "the shared-module hint path is not served yet"
+
+
+class GuestMemoryServicer(guest_memory_pb2_grpc.GuestMemoryServiceServicer):
+    """GuestMemoryService over the engine."""
+
+    def __init__(self, inventory: Inventory, engine: FusionEngine) -> None:
+        self._inventory = inventory
+        self._engine = engine
+
+    def _running(self, name: str) -> str:
+        """The id of the running machine ``name``; NOT_FOUND or FAILED_PRECONDITION otherwise."""
+        machine_id = parse_machine_name(name)
+        machine = self._inventory.get(machine_id)
+        if machine.state != machine_pb2.Machine.STATE_RUNNING:
+            raise failed_precondition(
+                name,
+                "the machine is not running (it is "
+                f"{machine_pb2.Machine.State.Name(machine.state)})",
+                reason="MACHINE_NOT_RUNNING",
+            )
+        return machine_id
+
+    async def ReadGuestMemory(
+        self, request: pb.ReadGuestMemoryRequest, context: aio.ServicerContext
+    ) -> pb.ReadGuestMemoryResponse:
+        machine_id = self._running(request.name)
+        if not 0 < request.length <= MAX_TRANSFER_BYTES:
+            raise invalid_argument(
+                "length", f"must be 1 to {MAX_TRANSFER_BYTES} bytes, got {request.length}"
+            )
+        data = await asyncio.to_thread(
+            self._engine.read, machine_id, request.address, request.length
+        )
+        return pb.ReadGuestMemoryResponse(data=bytes(data))
+
+    async def WriteGuestMemory(
+        self, request: pb.WriteGuestMemoryRequest, context: aio.ServicerContext
+    ) -> pb.WriteGuestMemoryResponse:
+        machine_id = self._running(request.name)
+        if len(request.data) > MAX_TRANSFER_BYTES:
+            raise invalid_argument(
+                "data", f"at most {MAX_TRANSFER_BYTES} bytes, got {len(request.data)}"
+            )
+        copied = await asyncio.to_thread(
+            self._engine.write, machine_id, request.address, request.data
+        )
+        return pb.WriteGuestMemoryResponse(pages_copied_on_write=copied)
+
+    async def GetPageInfo(
+        self, request: pb.GetPageInfoRequest, context: aio.ServicerContext
+    ) -> pb.GetPageInfoResponse:
+        machine_id = self._running(request.name)
+        info = await asyncio.to_thread(self._engine.page_info, machine_id, request.address)
+        return pb.GetPageInfoResponse(state=int(info.state), share_count=info.share_count)
+
+    # The hint path (VirtualBox's shared modules): served in a later issue.
+
+    async def ListGuestModules(
+        self, request: pb.ListGuestModulesRequest, context: aio.ServicerContext
+    ) -> pb.ListGuestModulesResponse:
+        raise unimplemented("ListGuestModules", _HINTS_LATER)
+
+    async def RegisterSharedModule(
+        self, request: pb.RegisterSharedModuleRequest, context: aio.ServicerContext
+    ) -> pb.RegisterSharedModuleResponse:
+        raise unimplemented("RegisterSharedModule", _HINTS_LATER)
+
+    async def UnregisterSharedModule(
+        self, request: pb.UnregisterSharedModuleRequest, context: aio.ServicerContext
+    ) -> pb.UnregisterSharedModuleResponse:
+        raise unimplemented("UnregisterSharedModule", _HINTS_LATER)
+
+    async def CheckSharedModules(
+        self, request: pb.CheckSharedModulesRequest, context: aio.ServicerContext
+    ) -> pb.CheckSharedModulesResponse:
+        raise unimplemented("CheckSharedModules", _HINTS_LATER)
+
+    async def GetPageSharingStatus(
+        self, request: pb.GetPageSharingStatusRequest, context: aio.ServicerContext
+    ) -> pb.GetPageSharingStatusResponse:
+        raise unimplemented("GetPageSharingStatus", _HINTS_LATER)

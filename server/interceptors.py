@@ -1,0 +1,116 @@
+"""The server interceptor: one log line per RPC, and errors mapped to statuses.
+
+Every call gets a request id (the client's ``x-request-id`` metadata, or a
+fresh one), bound into structlog's context so whatever the call logs carries
+it. Exceptions escaping a servicer are turned into a status with google.rpc
+details by :func:`pagefusion.server.errors.to_status`; this is the only
+place that happens.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+import structlog
+from grpc import aio
+from pagefusion.server.errors import current_resource, to_status
+
+log = structlog.get_logger("pagefusion.server.rpc")
+
+REQUEST_ID_KEY = "x-request-id"
+
+
+def _request_id(details: grpc.HandlerCallDetails) -> str:
+    for key, value in details.invocation_metadata or ():
+        if key == REQUEST_ID_KEY and isinstance(value, str) and value:
+            return value[:128]
+    return uuid.uuid4().hex
+
+
+def _cancelled(exc: BaseException) -> bool:
+    return isinstance(exc, asyncio.CancelledError | GeneratorExit | KeyboardInterrupt | SystemExit)
+
+
+@contextlib.asynccontextmanager
+async def _guard(method: str, request_id: str, context: aio.ServicerContext) -> AsyncIterator[None]:
+    """Run one RPC: bind its request id, map escaping errors, log one line."""
+    start = time.perf_counter()
+    code = grpc.StatusCode.OK
+    current_resource.set(None)
+    with structlog.contextvars.bound_contextvars(request_id=request_id):
+        try:
+            yield
+            code = context.code() or grpc.StatusCode.OK
+        except aio.AbortError:
+            code = context.code() or grpc.StatusCode.UNKNOWN
+            raise
+        except BaseException as exc:
+            if _cancelled(exc):
+                code = grpc.StatusCode.CANCELLED
+                raise
+            status = to_status(exc)
+            code = status.code
+            await context.abort_with_status(status)
+        finally:
+            if not isinstance(code, grpc.StatusCode):  # context.code() may give an int
+                code = grpc.StatusCode.UNKNOWN
+            log.log(
+                40 if code is grpc.StatusCode.INTERNAL else 20,
+                "rpc",
+                method=method,
+                code=code.name,
+                duration_ms=round((time.perf_counter() - start) * 1000, 3),
+            )
+
+
+class ServerInterceptor(aio.ServerInterceptor):
+    """Logs every RPC and maps escaping exceptions to rich statuses."""
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return handler
+        method = handler_call_details.method
+        request_id = _request_id(handler_call_details)
+
+        if handler.unary_unary is not None:
+            unary = handler.unary_unary
+
+            async def unary_unary(request: Any, context: aio.ServicerContext) -> Any:
+                async with _guard(method, request_id, context):
+                    return await unary(request, context)
+
+            return grpc.unary_unary_rpc_method_handler(
+                unary_unary, handler.request_deserializer, handler.response_serializer
+            )
+
+        streaming = handler.unary_stream or handler.stream_stream
+        if streaming is None:  # client streaming: none of ours; pass through unlogged
+            return handler
+        factory = (grpc.unary_stream_rpc_method_handler if handler.unary_stream is not None
+                   else grpc.stream_stream_rpc_method_handler)
+
+        if inspect.isasyncgenfunction(streaming):
+            async def generator(request: Any, context: aio.ServicerContext) -> AsyncIterator[Any]:
+                async with _guard(method, request_id, context):
+                    async for response in streaming(request, context):
+                        yield response
+
+            return factory(generator, handler.request_deserializer, handler.response_serializer)
+
+        async def writer(request: Any, context: aio.ServicerContext) -> None:
+            async with _guard(method, request_id, context):
+                await streaming(request, context)
+
+        return factory(writer, handler.request_deserializer, handler.response_serializer)

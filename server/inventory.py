@@ -1,0 +1,81 @@
+"""The machines the server knows: the registry's definitions plus live states.
+
+Servicers share one :class:`Inventory`. It keeps every machine in memory
+(the registry is read once at start) and writes changes through to the
+registry before they become visible. Machine states are never stored: memory
+is RAM, so a restarted server has every machine powered off.
+
+All methods run on the event loop; registry I/O goes to a thread. A
+per-machine asyncio lock serialises changes to one machine (update, delete
+and the state transitions of start and stop) so that a check and the change
+it guards cannot interleave with another call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+
+from pagefusion.server.errors import already_exists, not_found
+from pagefusion.server.registry import Registry
+from pagefusion.server.resources import MACHINE_TYPE, machine_name
+from pagefusion.v1 import machine_pb2
+
+State = machine_pb2.Machine.State
+
+
+class Inventory:
+    """Machines by id, with their current state."""
+
+    def __init__(self, registry: Registry) -> None:
+        self._registry = registry
+        self._machines: dict[str, machine_pb2.Machine] = registry.load_machines()
+        self._locks: collections.defaultdict[str, asyncio.Lock] = collections.defaultdict(
+            asyncio.Lock
+        )
+
+    def lock(self, machine_id: str) -> asyncio.Lock:
+        """The lock serialising changes to one machine."""
+        return self._locks[machine_id]
+
+    def get(self, machine_id: str) -> machine_pb2.Machine:
+        """A copy of the machine; NOT_FOUND if there is none."""
+        machine = self._machines.get(machine_id)
+        if machine is None:
+            raise not_found(MACHINE_TYPE, machine_name(machine_id))
+        copy = machine_pb2.Machine()
+        copy.CopyFrom(machine)
+        return copy
+
+    def ids(self) -> list[str]:
+        return sorted(self._machines)
+
+    def state(self, machine_id: str) -> State.ValueType:
+        return self.get(machine_id).state
+
+    def set_state(self, machine_id: str, state: State.ValueType) -> None:
+        machine = self._machines.get(machine_id)
+        if machine is not None:
+            machine.state = state
+
+    async def create(self, machine_id: str, machine: machine_pb2.Machine) -> machine_pb2.Machine:
+        """Store a new machine; ALREADY_EXISTS if the id is taken."""
+        async with self.lock(machine_id):
+            if machine_id in self._machines:
+                raise already_exists(MACHINE_TYPE, machine_name(machine_id))
+            if not await asyncio.to_thread(self._registry.insert_machine, machine_id, machine):
+                raise already_exists(MACHINE_TYPE, machine_name(machine_id))
+            self._machines[machine_id] = machine
+            return self.get(machine_id)
+
+    async def replace(self, machine_id: str, machine: machine_pb2.Machine) -> machine_pb2.Machine:
+        """Store new values of an existing machine. Hold :meth:`lock` around check and call."""
+        await asyncio.to_thread(self._registry.update_machine, machine_id, machine)
+        machine.state = self._machines[machine_id].state
+        self._machines[machine_id] = machine
+        return self.get(machine_id)
+
+    async def delete(self, machine_id: str) -> None:
+        """Forget a machine. Hold :meth:`lock` around check and call."""
+        await asyncio.to_thread(self._registry.delete_machine, machine_id)
+        self._machines.pop(machine_id, None)

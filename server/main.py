@@ -1,0 +1,94 @@
+"""``pagefusion-server``: the command-line entry point."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import structlog
+from pagefusion.server.app import PagefusionServer, Settings
+from pagefusion.server.logs import configure_logging
+
+log = structlog.get_logger("pagefusion.server")
+
+
+def _size(text: str) -> int:
+    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+    raw = text.strip().lower().removesuffix("ib").removesuffix("b")
+    factor = units.get(raw[-1:], 1)
+    digits = raw[:-1] if raw[-1:] in units else raw
+    try:
+        value = int(digits) * factor
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size in bytes: {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError("must be greater than 0")
+    return value
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="pagefusion-server",
+        description="Serve pagefusion (page fusion for virtual machine memory) over gRPC.",
+    )
+    parser.add_argument("--listen", default="127.0.0.1:50051", metavar="HOST:PORT",
+                        help="address to serve gRPC on (default: %(default)s; port 0 picks one)")
+    parser.add_argument("--data-dir", type=Path, default=Path("data"), metavar="DIR",
+                        help="where the machine registry lives (default: %(default)s)")
+    parser.add_argument("--allow-path", action="append", type=Path, default=[], metavar="DIR",
+                        help="directory memory sources may be opened under (repeatable)")
+    parser.add_argument("--metrics-listen", metavar="HOST:PORT",
+                        help="serve Prometheus /metrics on this address")
+    parser.add_argument("--max-pool-bytes", type=_size, metavar="BYTES",
+                        help="cap on host frame pool memory (e.g. 8G); default: no cap")
+    parser.add_argument("--log-format", choices=("json", "console", "auto"), default="auto",
+                        help="log rendering (default: console on a terminal, else JSON)")
+    parser.add_argument("--port-file", type=Path, metavar="FILE",
+                        help="write the bound port to FILE once serving (for --listen ...:0)")
+    parser.add_argument("--grace", type=float, default=10.0, metavar="SECONDS",
+                        help="seconds in-flight calls get on shutdown (default: %(default)s)")
+    return parser.parse_args(argv)
+
+
+async def serve(settings: Settings, port_file: Path | None = None) -> None:
+    """Run the server until SIGTERM or SIGINT, then shut down gracefully."""
+    server = PagefusionServer(settings)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    port = await server.start()
+    if port_file is not None:
+        tmp = port_file.with_name(port_file.name + ".tmp")
+        tmp.write_text(f"{port}\n")
+        tmp.replace(port_file)  # atomic: readers never see a partial file
+    await stop.wait()
+    log.info("shutting_down", grace_seconds=settings.grace_seconds)
+    await server.stop()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    configure_logging(args.log_format)
+    settings = Settings(
+        listen=args.listen,
+        data_dir=args.data_dir,
+        allow_paths=tuple(args.allow_path),
+        metrics_listen=args.metrics_listen,
+        max_pool_bytes=args.max_pool_bytes,
+        grace_seconds=args.grace,
+    )
+    try:
+        asyncio.run(serve(settings, args.port_file))
+    except OSError as exc:
+        log.error("startup_failed", error=str(exc))
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
