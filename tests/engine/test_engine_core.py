@@ -1,0 +1,296 @@
+import threading
+
+import numpy as np
+import pytest
+from engine_helpers import PAGE, FakeMemory, page
+from pagefusion.server.engine import (
+    AlreadyExistsError,
+    FusionConfig,
+    FusionEngine,
+    FusionMode,
+    InvalidArgumentError,
+    MachineNotRunningError,
+    OutOfRangeError,
+    PageState,
+    ResourceExhaustedError,
+)
+
+
+def engine(**kw):
+    kw.setdefault("max_pool_bytes", 64 << 20)
+    kw.setdefault("hash_seed", 1234)
+    return FusionEngine(**kw)
+
+
+def image(*pages: bytes) -> bytearray:
+    return bytearray(b"".join(pages))
+
+
+def assert_identity(e: FusionEngine) -> None:
+    h = e.stats().host
+    assert h.guest_pages == h.frames_used + h.pages_saved + h.zero_pages
+    assert h.shared_pages + h.private_pages + h.zero_pages == h.guest_pages
+
+
+def test_zero_pages_take_no_frames():
+    e = engine()
+    e.start_machine("a", FakeMemory([(0, image(page(0), page(0), page(1)))]), page_fusion=False)
+    h = e.stats().host
+    assert (h.guest_pages, h.zero_pages, h.frames_used) == (3, 2, 1)
+    assert e.page_info("a", 0).state == PageState.ZERO
+    assert e.page_info("a", 2 * PAGE).state == PageState.PRIVATE
+
+
+def test_fusion_across_machines_and_within_one():
+    e = engine()
+    mem = image(page(5), page(5), page(6, marker=1))
+    e.start_machine("a", FakeMemory([(0, mem)]), page_fusion=True)
+    e.start_machine("b", FakeMemory([(0, mem)]), page_fusion=True)
+    h = e.stats().host
+    assert h.frames_used == 2
+    assert h.pages_saved == 4
+    assert h.frames_shared == 2
+    info = e.page_info("a", 0)
+    assert info == info.__class__(PageState.SHARED, 4)
+    per = {m.machine_id: m for m in e.stats().machines}
+    assert per["a"].shared_pages == 3 and per["b"].shared_pages == 3
+    assert_identity(e)
+
+
+def test_fusion_off_shares_nothing_but_zero_elision_still_applies():
+    e = engine()
+    mem = image(page(5), page(5), page(0))
+    e.start_machine("a", FakeMemory([(0, mem)]), page_fusion=False)
+    e.start_machine("b", FakeMemory([(0, mem)]), page_fusion=True)
+    h = e.stats().host
+    assert h.frames_used == 3  # a: 2 private frames; b: 1 frame shared within b
+    assert h.zero_pages == 2
+    assert e.page_info("a", 0).state == PageState.PRIVATE
+
+
+def test_domains_never_share_a_frame():
+    e = engine()
+    mem = image(page(9))
+    e.start_machine("a", FakeMemory([(0, mem)]), page_fusion=True, fusion_domain="red")
+    e.start_machine("b", FakeMemory([(0, mem)]), page_fusion=True, fusion_domain="blue")
+    e.start_machine("c", FakeMemory([(0, mem)]), page_fusion=True, fusion_domain="red")
+    assert e.stats().host.frames_used == 2
+    assert e.page_info("b", 0).state == PageState.PRIVATE
+    assert e.page_info("a", 0).share_count == 2
+
+
+def test_hints_mode_shares_no_content_at_ingest():
+    e = engine(config=FusionConfig(mode=FusionMode.HINTS))
+    mem = image(page(5), page(5))
+    e.start_machine("a", FakeMemory([(0, mem)]), page_fusion=True)
+    assert e.stats().host.pages_saved == 0
+
+
+def test_copy_on_write_keeps_other_users_intact():
+    e = engine()
+    mem = image(page(5), page(7))
+    e.start_machine("a", FakeMemory([(0, mem)]), page_fusion=True)
+    e.start_machine("b", FakeMemory([(0, mem)]), page_fusion=True)
+    assert e.write("a", 100, b"xyz") == 1
+    assert e.read("a", 99, 5) == b"\x05xyz\x05"
+    assert e.read("b", 0, 2 * PAGE) == bytes(mem)
+    assert e.page_info("a", 0).state == PageState.PRIVATE
+    assert e.page_info("b", 0).state == PageState.PRIVATE  # sole user left
+    # A second write to the now private page copies nothing.
+    assert e.write("a", 0, b"q") == 0
+    assert_identity(e)
+
+
+def test_write_spanning_pages_and_zeroing_a_page():
+    e = engine()
+    mem = image(page(1), page(2), page(0))
+    e.start_machine("a", FakeMemory([(0, mem)]), page_fusion=True)
+    data = bytes(range(256)) * 20
+    e.write("a", PAGE - 10, data)
+    mem[PAGE - 10 : PAGE - 10 + len(data)] = data
+    assert e.read("a", 0, 3 * PAGE) == bytes(mem)
+    e.write("a", 0, bytes(PAGE))
+    assert e.page_info("a", 0).state == PageState.ZERO
+    assert_identity(e)
+
+
+def test_write_of_zeros_to_shared_page_returns_it_to_zero():
+    e = engine()
+    mem = image(page(3))
+    e.start_machine("a", FakeMemory([(0, mem)]), page_fusion=True)
+    e.start_machine("b", FakeMemory([(0, mem)]), page_fusion=True)
+    e.write("a", 0, bytes(PAGE))
+    assert e.page_info("a", 0).state == PageState.ZERO
+    assert e.page_info("b", 0) == e.page_info("b", 0).__class__(PageState.PRIVATE, 1)
+    assert e.read("b", 0, PAGE) == page(3)
+    assert_identity(e)
+
+
+def test_sparse_ranges_and_high_addresses():
+    e = engine()
+    low = image(page(1), page(2))
+    high = image(page(1))
+    e.start_machine("a", FakeMemory([(0, low), (0xFFFC0000, high)]), page_fusion=True)
+    assert e.read("a", 0xFFFC0000, 4) == b"\x01" * 4
+    assert e.page_info("a", 0x5000).state == PageState.UNMAPPED
+    assert e.page_info("a", 0xFFFC0000).state == PageState.SHARED
+    with pytest.raises(OutOfRangeError, match="0x2000"):
+        e.read("a", PAGE, 2 * PAGE)
+    with pytest.raises(OutOfRangeError):
+        e.write("a", 0xFFFC0000 + PAGE - 1, b"ab")
+    # The refused write changed nothing.
+    assert e.read("a", 0xFFFC0000, PAGE) == page(1)
+
+
+def test_misuse_raises_precise_errors():
+    e = engine()
+    with pytest.raises(MachineNotRunningError, match="'nope'"):
+        e.read("nope", 0, 1)
+    e.start_machine("a", FakeMemory([(0, image(page(1)))]), page_fusion=True)
+    with pytest.raises(AlreadyExistsError):
+        e.start_machine("a", FakeMemory([(0, image(page(1)))]), page_fusion=True)
+    with pytest.raises(InvalidArgumentError):
+        e.set_config(FusionConfig(pages_per_second=0))
+    with pytest.raises(InvalidArgumentError):
+        e.start_machine("bad", FakeMemory([(0x10, image(page(1)))]), page_fusion=True)
+
+
+def test_budget_exhaustion_rolls_the_start_back():
+    e = engine(max_pool_bytes=8 * PAGE)
+    e.start_machine(
+        "a", FakeMemory([(0, image(*[page(1, i + 1) for i in range(4)]))]), page_fusion=True
+    )
+    before = e.stats().host
+    mem = FakeMemory([(0, image(*[page(2, i + 1) for i in range(6)]))])
+    with pytest.raises(ResourceExhaustedError):
+        e.start_machine("b", mem, page_fusion=True)
+    assert mem.closed == 1
+    assert not e.is_running("b")
+    assert e.stats().host == before
+    assert e.read("a", 0, 4 * PAGE) == image(*[page(1, i + 1) for i in range(4)])
+
+
+def test_stop_releases_frames_and_closes_the_source():
+    e = engine()
+    mem = FakeMemory([(0, image(page(1), page(2)))])
+    e.start_machine("a", mem, page_fusion=True)
+    e.start_machine("b", FakeMemory([(0, image(page(1), page(3)))]), page_fusion=True)
+    e.stop_machine("a")
+    assert mem.closed == 1
+    h = e.stats().host
+    assert (h.guest_pages, h.frames_used, h.pages_saved) == (2, 2, 0)
+    assert e.page_info("b", 0).state == PageState.PRIVATE
+    # The freed content is gone from the index: a new machine fuses with b only.
+    e.start_machine("c", FakeMemory([(0, image(page(2), page(3)))]), page_fusion=True)
+    assert e.page_info("c", 0).state == PageState.PRIVATE
+    assert e.page_info("c", PAGE).share_count == 2
+    assert_identity(e)
+
+
+def test_written_page_leaves_the_index():
+    e = engine()
+    e.start_machine("a", FakeMemory([(0, image(page(4)))]), page_fusion=True)
+    e.write("a", 0, b"\x09")
+    e.start_machine("b", FakeMemory([(0, image(page(4)))]), page_fusion=True)
+    assert e.page_info("b", 0).state == PageState.PRIVATE
+    assert e.read("a", 0, 2) == b"\x09\x04"
+
+
+def test_scan_fuses_after_mode_change_and_live_changes_are_cow():
+    e = engine(config=FusionConfig(mode=FusionMode.HINTS, stable_scans_before_merge=1))
+    src = FakeMemory([(0, image(page(1), page(2)))], live=True)
+    e.start_machine("a", src, page_fusion=True)
+    e.start_machine("b", FakeMemory([(0, image(page(1), page(2)))]), page_fusion=True)
+    assert e.stats().host.pages_saved == 0
+    e.set_config(FusionConfig(mode=FusionMode.ALL, stable_scans_before_merge=1))
+    result = e.scan()
+    assert result.pages_fused == 2
+    assert e.stats().host.pages_saved == 2
+    # The live guest writes its first page: a copy on write, then volatile.
+    src.blocks[0][1][0:3] = b"abc"
+    result = e.scan(["a"])
+    assert result.pages_copied_on_write == 1
+    assert e.read("a", 0, 4) == b"abc\x01"
+    assert e.read("b", 0, 4) == b"\x01" * 4
+    stats = e.machine_stats("a")
+    assert stats.volatile_pages == 1
+    assert e.stats().host.full_scans == 2
+    assert_identity(e)
+
+
+def test_volatile_page_waits_for_stable_scans():
+    e = engine(config=FusionConfig(stable_scans_before_merge=2))
+    src = FakeMemory([(0, image(page(1)))], live=True)
+    e.start_machine("a", src, page_fusion=True)
+    e.start_machine("b", FakeMemory([(0, image(page(8)))]), page_fusion=True)
+    src.blocks[0][1][:] = page(8)
+    e.scan(["a"])  # changed: volatile
+    assert e.page_info("a", 0).state == PageState.PRIVATE
+    e.scan(["a"])  # stable once
+    assert e.page_info("a", 0).state == PageState.PRIVATE
+    e.scan(["a"])  # stable twice: fused
+    assert e.page_info("a", 0).state == PageState.SHARED
+
+
+def test_budgeted_scans_resume_where_they_stopped():
+    e = engine(config=FusionConfig(mode=FusionMode.HINTS))
+    e.start_machine("a", FakeMemory([(0, image(*[page(1)] * 10))]), page_fusion=True)
+    e.set_config(FusionConfig(mode=FusionMode.CONTENT))
+    total = 0
+    for _ in range(4):
+        total += e.scan(page_budget=3).pages_scanned
+    assert total == 10  # the fourth call finished the pass after one page
+    assert e.stats().host.full_scans == 1
+    assert e.scan(page_budget=3).pages_scanned == 3  # the next pass begins again
+    assert e.stats().host.pages_saved == 9
+
+
+def test_progress_is_reported():
+    e = engine()
+    seen = []
+    e.start_machine(
+        "a",
+        FakeMemory([(0, image(page(1)) * 3)]),
+        page_fusion=True,
+        progress=lambda d, t: seen.append((d, t)),
+    )
+    assert seen[-1] == (3, 3)
+
+
+def test_metadata_per_guest_page_is_small():
+    e = engine(max_pool_bytes=256 << 20)
+    rng = np.random.default_rng(3)
+    pages = rng.integers(0, 256, size=(4096, PAGE), dtype=np.uint8)
+    pages[::2] = 0
+    e.start_machine("a", FakeMemory([(0, bytearray(pages.tobytes()))]), page_fusion=True)
+    e.start_machine("b", FakeMemory([(0, bytearray(pages.tobytes()))]), page_fusion=True)
+    h = e.stats().host
+    assert h.metadata_bytes / h.guest_pages <= 8
+
+
+def test_concurrent_writers_and_stats_readers_see_whole_operations():
+    e = engine()
+    mem = image(*[page(i % 7 + 1) for i in range(64)])
+    e.start_machine("a", FakeMemory([(0, mem)]), page_fusion=True)
+    e.start_machine("b", FakeMemory([(0, mem)]), page_fusion=True)
+    errors = []
+
+    def writer(name: str) -> None:
+        for i in range(300):
+            e.write(name, (i * 97 % 64) * PAGE + i % 50, bytes([i % 256]) * 9)
+
+    def reader() -> None:
+        for _ in range(300):
+            h = e.stats().host
+            if h.guest_pages != h.frames_used + h.pages_saved + h.zero_pages:
+                errors.append(h)
+
+    threads = [threading.Thread(target=writer, args=(n,)) for n in "ab"] + [
+        threading.Thread(target=reader)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert_identity(e)

@@ -1,0 +1,68 @@
+import numpy as np
+import pytest
+from pagefusion.server.engine.errors import ResourceExhaustedError
+from pagefusion.server.engine.pool import CHUNK_FRAMES, FramePool
+
+
+def test_frame_zero_is_never_handed_out():
+    pool = FramePool(4 * CHUNK_FRAMES)
+    frames = pool.alloc(3 * CHUNK_FRAMES)
+    assert 0 not in frames.tolist()
+    assert len(set(frames.tolist())) == len(frames)
+    assert pool.used == 3 * CHUNK_FRAMES
+
+
+def test_budget_is_enforced_without_side_effects():
+    pool = FramePool(100)
+    pool.alloc(90)
+    with pytest.raises(ResourceExhaustedError, match="budget"):
+        pool.alloc(11)
+    assert pool.used == 90
+    assert len(pool.alloc(10)) == 10
+
+
+def test_freed_frames_are_reused_before_growing():
+    pool = FramePool(10 * CHUNK_FRAMES)
+    first = pool.alloc(100)
+    pool.release(first[:50])
+    again = pool.alloc(50)
+    assert set(again.tolist()) == set(first[:50].tolist())
+
+
+def test_fully_free_chunks_go_back_and_come_back():
+    pool = FramePool(8 * CHUNK_FRAMES)
+    frames = pool.alloc(4 * CHUNK_FRAMES)
+    pool.frames[frames] = 7
+    pool.release(frames)
+    assert pool.used == 0
+    # Every chunk emptied was handed back: the pool holds nothing.
+    assert pool.free_frames == 0
+    assert pool.held_frames == 0
+    again = pool.alloc(CHUNK_FRAMES)
+    assert len(again) == CHUNK_FRAMES
+    # A chunk given back reads as zeros (MADV_DONTNEED on private memory).
+    assert not pool.frames[again].any()
+
+
+def test_partially_used_chunk_stays_held():
+    pool = FramePool(8 * CHUNK_FRAMES)
+    frames = pool.alloc(CHUNK_FRAMES)
+    pool.release(frames[:10])
+    assert pool.free_frames == 10
+    assert pool.held_frames == CHUNK_FRAMES
+
+
+def test_single_frame_fast_path_matches_bulk_accounting():
+    pool = FramePool(4 * CHUNK_FRAMES)
+    f = pool.alloc_one()
+    assert f != 0 and pool.used == 1
+    pool.release_one(f)
+    assert pool.used == 0
+
+
+def test_metadata_is_small():
+    pool = FramePool(64 * CHUNK_FRAMES)
+    pool.alloc(32 * CHUNK_FRAMES)
+    # refcount (2) + flags (1) + free stack (4, only when frames are free)
+    assert pool.metadata_bytes / (32 * CHUNK_FRAMES) < 8
+    assert np.all(pool.refcount == 0)

@@ -1,0 +1,194 @@
+"""Property tests: transparency and exact accounting under random operations.
+
+A reference model keeps every machine's memory as plain bytes, as a machine
+without page fusion would. After every step the engine must read back
+exactly the model's bytes, and its counters must match figures recomputed
+from the model alone.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import hypothesis.strategies as st
+from engine_helpers import PAGE, FakeMemory
+from hypothesis import HealthCheck, settings
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+from pagefusion.server.engine import FusionConfig, FusionEngine, FusionMode, PageState
+
+# Few distinct page contents, so that duplicates (and zero pages) are common.
+PATTERNS = [bytes(PAGE)] + [bytes([i]) * (PAGE - 1) + bytes([i * 3 % 256]) for i in range(1, 5)]
+HIGH = 0xFFFC0000
+NAMES = ["vm-a", "vm-b", "vm-c", "vm-d"]
+
+
+class EngineModel(RuleBasedStateMachine):
+    def __init__(self) -> None:
+        super().__init__()
+        self.engine = FusionEngine(max_pool_bytes=16 << 20, hash_seed=99)
+        self.mode = FusionMode.ALL
+        # name -> (fusion, domain, {address: bytearray page})
+        self.machines: dict[str, tuple[bool, str, dict[int, bytearray]]] = {}
+
+    # -- operations ----------------------------------------------------------
+
+    @rule(
+        name=st.sampled_from(NAMES),
+        fusion=st.booleans(),
+        domain=st.sampled_from(["default", "tenant-2"]),
+        low=st.lists(st.integers(0, len(PATTERNS) - 1), min_size=1, max_size=12),
+        high=st.lists(st.integers(0, len(PATTERNS) - 1), max_size=3),
+    )
+    def start(self, name, fusion, domain, low, high):
+        if name in self.machines:
+            return
+        ranges = [(0, bytearray(b"".join(PATTERNS[i] for i in low)))]
+        if high:
+            ranges.append((HIGH, bytearray(b"".join(PATTERNS[i] for i in high))))
+        self.engine.start_machine(
+            name, FakeMemory(ranges), page_fusion=fusion, fusion_domain=domain
+        )
+        pages = {}
+        for base, data in ranges:
+            for off in range(0, len(data), PAGE):
+                pages[base + off] = bytearray(data[off : off + PAGE])
+        self.machines[name] = (fusion, domain, pages)
+
+    @precondition(lambda self: self.machines)
+    @rule(data=st.data())
+    def stop(self, data):
+        name = data.draw(st.sampled_from(sorted(self.machines)))
+        self.engine.stop_machine(name)
+        del self.machines[name]
+
+    @precondition(lambda self: self.machines)
+    @rule(
+        data=st.data(),
+        offset=st.integers(0, PAGE - 1),
+        length=st.integers(1, 2 * PAGE),
+        fill=st.sampled_from([0, 1, 2, 7]),
+        zero_page=st.booleans(),
+    )
+    def write(self, data, offset, length, fill, zero_page):
+        name = data.draw(st.sampled_from(sorted(self.machines)))
+        pages = self.machines[name][2]
+        address = data.draw(st.sampled_from(sorted(pages)))
+        if zero_page:
+            offset, length, fill = 0, PAGE, 0
+        # Keep the write inside mapped memory.
+        end = address + offset + length
+        while (
+            any(a not in pages for a in range(address, end, PAGE))
+            or (end - 1) // PAGE * PAGE not in pages
+        ):
+            length = PAGE - offset
+            end = address + offset + length
+        payload = bytes([fill]) * length
+        shared_before = [
+            a
+            for a in range(address, end, PAGE)
+            if self.engine.page_info(name, a).state == PageState.SHARED
+        ]
+        copied = self.engine.write(name, address + offset, payload)
+        # Copying one page may leave a sibling page the frame's sole user.
+        assert (copied >= 1) == bool(shared_before)
+        assert copied <= len(shared_before)
+        flat = bytearray(
+            b"".join(
+                pages[a]
+                for a in range(address, address + (end - address + PAGE - 1) // PAGE * PAGE, PAGE)
+            )
+        )
+        flat[offset : offset + length] = payload
+        for i, a in enumerate(range(address, address + len(flat), PAGE)):
+            pages[a] = bytearray(flat[i * PAGE : (i + 1) * PAGE])
+
+    @rule(mode=st.sampled_from([FusionMode.HINTS, FusionMode.CONTENT, FusionMode.ALL]))
+    def set_mode(self, mode):
+        self.mode = mode
+        self.engine.set_config(FusionConfig(mode=mode, stable_scans_before_merge=0))
+
+    @rule()
+    def scan(self):
+        self.engine.scan()
+        if self.mode.content:
+            self.assert_fully_fused()
+
+    # -- checks ---------------------------------------------------------------
+
+    def assert_fully_fused(self):
+        """After a content scan, sharing is maximal and exactly predictable."""
+        contents = Counter()
+        unfused = 0
+        for fusion, domain, pages in self.machines.values():
+            for data in pages.values():
+                if any(data):
+                    if fusion:
+                        contents[(domain, bytes(data))] += 1
+                    else:
+                        unfused += 1
+        h = self.engine.stats().host
+        assert h.frames_used == len(contents) + unfused
+        assert h.frames_shared == sum(1 for n in contents.values() if n >= 2)
+        for name, (fusion, domain, pages) in self.machines.items():
+            for address, data in pages.items():
+                info = self.engine.page_info(name, address)
+                expected = contents[(domain, bytes(data))] if fusion and any(data) else 0
+                if not any(data):
+                    assert info.state == PageState.ZERO
+                elif not fusion:
+                    assert info.state == PageState.PRIVATE
+                else:
+                    assert info.share_count == expected
+
+    @invariant()
+    def transparent(self):
+        for name, (_, _, pages) in self.machines.items():
+            for address, data in pages.items():
+                assert self.engine.read(name, address, PAGE) == data
+
+    @invariant()
+    def accounting_is_exact(self):
+        stats = self.engine.stats()
+        h = stats.host
+        guest = sum(len(p) for _, _, p in self.machines.values())
+        zero = sum(1 for _, _, p in self.machines.values() for d in p.values() if not any(d))
+        assert h.guest_pages == guest
+        assert h.zero_pages == zero
+        assert h.guest_pages == h.frames_used + h.pages_saved + h.zero_pages
+        assert h.shared_pages == sum(m.shared_pages for m in stats.machines)
+        assert h.private_pages == sum(m.private_pages for m in stats.machines)
+        per = {m.machine_id: m for m in stats.machines}
+        assert set(per) == set(self.machines)
+        for name, (fusion, domain, pages) in self.machines.items():
+            m = per[name]
+            assert m.guest_pages == len(pages)
+            assert m.zero_pages == sum(1 for d in pages.values() if not any(d))
+            assert m.zero_pages + m.private_pages + m.shared_pages == m.guest_pages
+            if not fusion:
+                assert m.shared_pages == 0
+        # Sharing never crosses domains: a frame's users all hold equal bytes
+        # in one domain, so share counts are bounded by equal pages there.
+        same = Counter()
+        for fusion, domain, pages in self.machines.values():
+            for d in pages.values():
+                if fusion and any(d):
+                    same[(domain, bytes(d))] += 1
+        for name, (fusion, domain, pages) in self.machines.items():
+            for address, d in pages.items():
+                if fusion and any(d):
+                    assert (
+                        self.engine.page_info(name, address).share_count <= same[(domain, bytes(d))]
+                    )
+
+    def teardown(self):
+        self.engine.close()
+
+
+TestEngineModel = EngineModel.TestCase
+TestEngineModel.settings = settings(
+    max_examples=150,
+    stateful_step_count=30,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
