@@ -160,7 +160,7 @@ class EngineModel(RuleBasedStateMachine):
         assert h.private_pages == sum(m.private_pages for m in stats.machines)
         per = {m.machine_id: m for m in stats.machines}
         assert set(per) == set(self.machines)
-        for name, (fusion, domain, pages) in self.machines.items():
+        for name, (fusion, _domain, pages) in self.machines.items():
             m = per[name]
             assert m.guest_pages == len(pages)
             assert m.zero_pages == sum(1 for d in pages.values() if not any(d))
