@@ -86,12 +86,13 @@ class FusionServicer(fusion_pb2_grpc.FusionServiceServicer):
                 pages_per_second=merged.pages_per_second,
                 stable_scans_before_merge=merged.stable_scans_before_merge,
             )
-            # Durable first: a config the client saw succeed must survive a crash.
-            await asyncio.to_thread(self._registry.save_fusion_config, new)
+            # The engine validates; the reply waits for the durable write, so a
+            # config the client saw succeed survives a crash.
+            applied = await asyncio.to_thread(self._engine.set_config, new)
             try:
-                applied = await asyncio.to_thread(self._engine.set_config, new)
+                await asyncio.to_thread(self._registry.save_fusion_config, applied)
             except BaseException:
-                await asyncio.to_thread(self._registry.save_fusion_config, old)
+                await asyncio.to_thread(self._engine.set_config, old)
                 raise
             return config_to_proto(applied)
 
