@@ -18,7 +18,9 @@ def generate(root: Path) -> Path:
     out = root / ".gen"
     package = out / "pagefusion" / "v1"
     package.mkdir(parents=True, exist_ok=True)
-    sources = sorted(str(p.relative_to(protos)) for p in (protos / "pagefusion" / "v1").glob("*.proto"))
+    sources = sorted(
+        str(p.relative_to(protos)) for p in (protos / "pagefusion" / "v1").glob("*.proto")
+    )
     if sources:
         well_known = Path(grpc_tools.__file__).parent / "_proto"
         args = [
@@ -32,7 +34,9 @@ def generate(root: Path) -> Path:
         ]
         if protoc.main(args) != 0:
             raise RuntimeError(f"protoc failed for {sources}")
-    (package / "__init__.py").write_text('"""Generated from protos/pagefusion/v1; do not edit."""\n')
+    (package / "__init__.py").write_text(
+        '"""Generated from protos/pagefusion/v1; do not edit."""\n'
+    )
     (package / "py.typed").write_text("")
     return package
 
