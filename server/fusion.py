@@ -101,9 +101,9 @@ class FusionServicer(fusion_pb2_grpc.FusionServiceServicer):
     ) -> pb.RunScanResponse:
         ids: list[str] | None = None
         if request.names:
-            ids = []
-            for i, name in enumerate(request.names):
-                machine_id = parse_machine_name(name, f"names[{i}]")
+            # Malformed names first (INVALID_ARGUMENT), then missing or stopped machines.
+            ids = [parse_machine_name(n, f"names[{i}]") for i, n in enumerate(request.names)]
+            for name, machine_id in zip(request.names, ids, strict=True):
                 machine = self._inventory.get(machine_id)
                 if machine.state != machine_pb2.Machine.STATE_RUNNING:
                     raise failed_precondition(
@@ -112,7 +112,6 @@ class FusionServicer(fusion_pb2_grpc.FusionServiceServicer):
                         f"{machine_pb2.Machine.State.Name(machine.state)})",
                         reason="MACHINE_NOT_RUNNING",
                     )
-                ids.append(machine_id)
         result = await asyncio.to_thread(self._engine.scan, ids)
         return pb.RunScanResponse(
             pages_scanned=result.pages_scanned,

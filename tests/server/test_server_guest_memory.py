@@ -1,0 +1,168 @@
+"""GuestMemoryService end to end: reads, writes, page states, and placeholders."""
+
+from __future__ import annotations
+
+import grpc
+import numpy as np
+import pytest
+from google.rpc import error_details_pb2
+from pagefusion.adapters.memory import InMemoryGuestMemory, register_image, unregister_image
+from pagefusion.v1 import guest_memory_pb2 as pb
+
+Code = grpc.StatusCode
+PAGE = 4096
+MiB = 1 << 20
+
+
+@pytest.fixture
+def image():
+    """A registered in-memory image: page 0 zero, pages 1-2 identical, page 3 unique, 4 MiB total,
+    plus a second range at 0x10000000."""
+    data = np.zeros(4 * MiB, dtype=np.uint8)
+    data[PAGE : 3 * PAGE] = np.tile(np.arange(1, PAGE + 1, dtype=np.uint8), 2)
+    data[3 * PAGE : 4 * PAGE] = 7
+    data[4 * PAGE :] = np.random.default_rng(1).integers(0, 256, data.size - 4 * PAGE, np.uint8)
+    high = np.full(PAGE, 9, dtype=np.uint8)
+    memory = InMemoryGuestMemory([(0, data), (0x10000000, high)])
+    register_image("guest-test", memory)
+    yield data
+    unregister_image("guest-test")
+
+
+@pytest.fixture
+def vm(api, image):
+    api.create("vm", options={"image": "guest-test"}, page_fusion_enabled=True)
+    api.start("vm")
+    return "machines/vm"
+
+
+def _read(api, name, address, length):
+    return api.guest.ReadGuestMemory(
+        pb.ReadGuestMemoryRequest(name=name, address=address, length=length)
+    ).data
+
+
+def _info(api, name, address):
+    return api.guest.GetPageInfo(pb.GetPageInfoRequest(name=name, address=address))
+
+
+def test_read_returns_guest_bytes(api, vm, image):
+    assert _read(api, vm, 0, 4 * PAGE) == image[: 4 * PAGE].tobytes()
+    assert _read(api, vm, PAGE + 10, 100) == image[PAGE + 10 : PAGE + 110].tobytes()
+    assert _read(api, vm, 0x10000000, PAGE) == b"\x09" * PAGE
+
+
+def test_read_of_4_mib_fits_the_message_limits(api, vm, image):
+    assert _read(api, vm, 0, 4 * MiB) == image.tobytes()
+
+
+@pytest.mark.parametrize("length", [0, 4 * MiB + 1])
+def test_read_length_out_of_bounds(api, vm, expect_failure, length):
+    failure = expect_failure(
+        api.guest.ReadGuestMemory,
+        pb.ReadGuestMemoryRequest(name=vm, address=0, length=length), Code.INVALID_ARGUMENT,
+    )
+    assert failure.field_violations() == ["length"]
+
+
+@pytest.mark.parametrize("address", [4 * MiB, 0x20000000, 4 * MiB - PAGE])
+def test_read_unmapped_is_out_of_range(api, vm, expect_failure, address):
+    failure = expect_failure(
+        api.guest.ReadGuestMemory,
+        pb.ReadGuestMemoryRequest(name=vm, address=address, length=2 * PAGE), Code.OUT_OF_RANGE,
+    )
+    assert failure.reason == "ADDRESS_UNMAPPED"
+
+
+def test_page_info_states(api, vm):
+    assert _info(api, vm, 0) == pb.GetPageInfoResponse(state=pb.PAGE_STATE_ZERO, share_count=0)
+    assert _info(api, vm, PAGE + 5) == pb.GetPageInfoResponse(
+        state=pb.PAGE_STATE_SHARED, share_count=2
+    )
+    assert _info(api, vm, 3 * PAGE) == pb.GetPageInfoResponse(
+        state=pb.PAGE_STATE_PRIVATE, share_count=1
+    )
+    assert _info(api, vm, 0x20000000).state == pb.PAGE_STATE_UNMAPPED
+
+
+def test_write_copies_shared_page_on_write(api, vm, image):
+    response = api.guest.WriteGuestMemory(
+        pb.WriteGuestMemoryRequest(name=vm, address=PAGE + 8, data=b"hello")
+    )
+    assert response.pages_copied_on_write == 1
+    expected = bytearray(image[PAGE : 3 * PAGE].tobytes())
+    expected[8:13] = b"hello"
+    assert _read(api, vm, PAGE, 2 * PAGE) == bytes(expected)
+    assert _info(api, vm, PAGE).state == pb.PAGE_STATE_PRIVATE
+    assert _info(api, vm, 2 * PAGE).state == pb.PAGE_STATE_PRIVATE
+    again = api.guest.WriteGuestMemory(
+        pb.WriteGuestMemoryRequest(name=vm, address=PAGE, data=b"x")
+    )
+    assert again.pages_copied_on_write == 0
+
+
+def test_write_too_large(api, vm, expect_failure):
+    failure = expect_failure(
+        api.guest.WriteGuestMemory,
+        pb.WriteGuestMemoryRequest(name=vm, address=0, data=bytes(4 * MiB + 1)),
+        Code.INVALID_ARGUMENT,
+    )
+    assert failure.field_violations() == ["data"]
+
+
+def test_write_unmapped_is_out_of_range(api, vm, expect_failure):
+    expect_failure(
+        api.guest.WriteGuestMemory,
+        pb.WriteGuestMemoryRequest(name=vm, address=0x20000000, data=b"x"), Code.OUT_OF_RANGE,
+    )
+
+
+@pytest.mark.parametrize(
+    ("rpc", "request_"),
+    [
+        ("ReadGuestMemory", pb.ReadGuestMemoryRequest(name="machines/vm", length=1)),
+        ("WriteGuestMemory", pb.WriteGuestMemoryRequest(name="machines/vm", data=b"x")),
+        ("GetPageInfo", pb.GetPageInfoRequest(name="machines/vm")),
+    ],
+)
+def test_machine_not_running_is_failed_precondition(api, expect_failure, rpc, request_):
+    api.create("vm")
+    failure = expect_failure(getattr(api.guest, rpc), request_, Code.FAILED_PRECONDITION)
+    (violation,) = failure.detail(error_details_pb2.PreconditionFailure).violations
+    assert (violation.type, violation.subject) == ("STATE", "machines/vm")
+    assert failure.reason == "MACHINE_NOT_RUNNING"
+
+
+@pytest.mark.parametrize(
+    ("rpc", "request_"),
+    [
+        ("ReadGuestMemory", pb.ReadGuestMemoryRequest(name="machines/ghost", length=1)),
+        ("WriteGuestMemory", pb.WriteGuestMemoryRequest(name="machines/ghost", data=b"x")),
+        ("GetPageInfo", pb.GetPageInfoRequest(name="machines/ghost")),
+    ],
+)
+def test_missing_machine_is_not_found(api, expect_failure, rpc, request_):
+    expect_failure(getattr(api.guest, rpc), request_, Code.NOT_FOUND)
+
+
+def test_bad_name_is_invalid_argument(api, expect_failure):
+    failure = expect_failure(
+        api.guest.ReadGuestMemory, pb.ReadGuestMemoryRequest(name="vm", length=1),
+        Code.INVALID_ARGUMENT,
+    )
+    assert failure.field_violations() == ["name"]
+
+
+@pytest.mark.parametrize(
+    ("rpc", "request_"),
+    [
+        ("ListGuestModules", pb.ListGuestModulesRequest(name="machines/vm")),
+        ("RegisterSharedModule", pb.RegisterSharedModuleRequest(name="machines/vm")),
+        ("UnregisterSharedModule", pb.UnregisterSharedModuleRequest(name="machines/vm")),
+        ("CheckSharedModules", pb.CheckSharedModulesRequest(name="machines/vm")),
+        ("GetPageSharingStatus", pb.GetPageSharingStatusRequest(name="machines/vm")),
+    ],
+)
+def test_hint_path_is_unimplemented_for_now(api, expect_failure, rpc, request_):
+    failure = expect_failure(getattr(api.guest, rpc), request_, Code.UNIMPLEMENTED)
+    assert rpc in failure.message
