@@ -317,9 +317,13 @@ def to_dict(message: Any) -> dict[str, Any]:
     )
 
 
-def _error_line(message: str) -> None:
-    sys.stderr.write(f"{PROG}: error: {' '.join(message.split())}\n")
+def _message_line(kind: str, message: str) -> None:
+    sys.stderr.write(f"{PROG}: {kind}: {' '.join(message.split())}\n")
     sys.stderr.flush()
+
+
+def _error_line(message: str) -> None:
+    _message_line("error", message)
 
 
 # -- machine names ------------------------------------------------------------------
@@ -645,10 +649,14 @@ def cmd_guest_agent(client: Any, args: argparse.Namespace, out: Output) -> int:
     from pagefusion.clients.guest_agent import GuestAgent
 
     name = resolve_machine(client, args.name)
-    agent = GuestAgent(client, name, log=out)
     if args.once:
-        report = agent.run_cycle()
-        return EXIT_FAILURE if report.errors else EXIT_OK
+        report = GuestAgent(client, name, log=out).run_cycle()
+        if report.errors:
+            more = len(report.errors) - 1
+            _error_line(report.errors[0] + (f" (and {more} more errors)" if more else ""))
+            return EXIT_FAILURE
+        return EXIT_OK
+    agent = GuestAgent(client, name, log=out, warn=lambda text: _message_line("warning", text))
     stop = threading.Event()
     with _stop_on_signals(stop):
         agent.run_forever(args.interval, stop)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import datetime as dt
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -51,6 +51,8 @@ class CycleReport:
     pages_checked: int = 0
     pages_fused: int = 0
     errors: list[str] = field(default_factory=list)
+    #: False when the cycle stopped at an error (status, listing or check).
+    completed: bool = False
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -62,12 +64,16 @@ class CycleReport:
             "pages_checked": self.pages_checked,
             "pages_fused": self.pages_fused,
             "errors": self.errors,
+            "completed": self.completed,
         }
 
     def summary(self) -> str:
         who = machine_id_of(self.machine)
-        if not self.enabled and not self.errors:
-            return f"{who}: page sharing disabled; nothing registered"
+        if not self.completed:
+            return f"{who}: cycle failed: {self.errors[-1] if self.errors else 'unknown error'}"
+        if not self.enabled:
+            unregistered = f", unregistered {len(self.unregistered)}" if self.unregistered else ""
+            return f"{who}: page sharing disabled; nothing to register{unregistered}"
         parts = [
             f"{who}: {self.modules} modules",
             f"registered {len(self.registered)}",
@@ -76,7 +82,7 @@ class CycleReport:
         ]
         text = ", ".join(parts)
         if self.errors:
-            text += f"; {len(self.errors)} error(s): " + "; ".join(self.errors)
+            text += f"; {len(self.errors)} error(s)"
         return text
 
 
@@ -91,12 +97,21 @@ class GuestAgent:
         client: a connected PageFusionClient.
         name: the machine's resource name.
         log: where each cycle is reported (the CLI's Output).
+        warn: called with each error of a cycle (the CLI prints them to stderr).
     """
 
-    def __init__(self, client: Any, name: str, *, log: _Log) -> None:
+    def __init__(
+        self,
+        client: Any,
+        name: str,
+        *,
+        log: _Log,
+        warn: Callable[[str], None] | None = None,
+    ) -> None:
         self.client = client
         self.name = name
         self.log = log
+        self.warn = warn
         self.registered: dict[ModuleKey, Any] = {}
 
     def run_forever(self, interval: float, stop: threading.Event) -> None:
@@ -114,6 +129,7 @@ class GuestAgent:
         report = CycleReport(self.name)
         try:
             self._cycle(report)
+            report.completed = True
         except PageFusionError as error:
             # The machine's module records are gone if it stopped; start over.
             self.registered.clear()
@@ -164,3 +180,6 @@ class GuestAgent:
         stamp = dt.datetime.now(dt.UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
         self.log.json_line({"time": stamp, **report.as_dict()})
         self.log.text(f"{stamp} guest-agent {report.summary()}\n")
+        if self.warn is not None:
+            for error in report.errors:
+                self.warn(f"guest-agent {machine_id_of(self.name)}: {error}")
