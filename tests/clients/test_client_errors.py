@@ -56,7 +56,9 @@ def test_details_are_unpacked() -> None:
 
 
 def test_plain_status_without_details() -> None:
-    error = PageFusionError.from_rpc_error(FakeCall(grpc.StatusCode.UNAVAILABLE, "connection refused"))
+    error = PageFusionError.from_rpc_error(
+        FakeCall(grpc.StatusCode.UNAVAILABLE, "connection refused")
+    )
     assert error.code is grpc.StatusCode.UNAVAILABLE
     assert error.message == "connection refused"
     assert error.details == []

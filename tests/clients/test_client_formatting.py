@@ -104,7 +104,9 @@ def test_collect_rows() -> None:
     stamp = formatting.collect_timestamp(dt.datetime(2026, 1, 2, 3, 4, 5, 678901))
     assert stamp == "03:04:05.678"
     text = formatting.format_collect_rows(stamp, query_response().data)
-    assert text.splitlines()[0] == "03:04:05.678 host       RAM/VMM/Used         524288 kB, 524292 kB"
+    assert (
+        text.splitlines()[0] == "03:04:05.678 host       RAM/VMM/Used         524288 kB, 524292 kB"
+    )
     assert formatting.COLLECT_HEADER == "Time stamp   Object     Metric               Value"
     assert formatting.COLLECT_RULE == (
         "------------ ---------- -------------------- --------------------"
@@ -154,8 +156,11 @@ def test_showvminfo() -> None:
     ]
     assert "Shared pages:                400" in lines
     off = formatting.format_machine_info(
-        machine(page_fusion_enabled=False, state=machine_pb2.Machine.STATE_POWERED_OFF,
-                memory_size_bytes=0)
+        machine(
+            page_fusion_enabled=False,
+            state=machine_pb2.Machine.STATE_POWERED_OFF,
+            memory_size_bytes=0,
+        )
     )
     assert "Page Fusion:                 off" in off.splitlines()
     assert "State:                       powered off" in off.splitlines()
@@ -173,8 +178,13 @@ def test_machine_readable() -> None:
 def test_fusion_stats_and_config() -> None:
     stats = fusion_pb2.GetFusionStatsResponse(
         host=fusion_pb2.HostFusionStats(
-            guest_pages=1000, zero_pages=100, private_pages=300, shared_pages=600,
-            frames_used=400, frames_shared=100, pages_saved=500,
+            guest_pages=1000,
+            zero_pages=100,
+            private_pages=300,
+            shared_pages=600,
+            frames_used=400,
+            frames_shared=100,
+            pages_saved=500,
         ),
         machines=[fusion_pb2.MachineFusionStats(name="machines/a", guest_pages=1000)],
     )
@@ -182,7 +192,9 @@ def test_fusion_stats_and_config() -> None:
     assert "Pages saved:                 500 (1.95 MiB), 50.0% of guest pages" in text
     assert any(line.startswith("a ") and " 1000 " in line for line in text.splitlines())
     config = fusion_pb2.FusionConfig(
-        mode=fusion_pb2.FUSION_MODE_HINTS, background_scan=True, pages_per_second=100,
+        mode=fusion_pb2.FUSION_MODE_HINTS,
+        background_scan=True,
+        pages_per_second=100,
         stable_scans_before_merge=2,
     )
     assert formatting.format_fusion_config(config).splitlines() == [

@@ -32,8 +32,17 @@ def test_parse_machine_name_rejects(bad: str) -> None:
 
 @pytest.mark.parametrize(
     ("machine_id", "valid"),
-    [("w10", True), ("a", True), ("a" * 63, True), ("a" * 64, False), ("1abc", False),
-     ("Win10", False), ("w_10", False), ("", False), ("web-01", True)],
+    [
+        ("w10", True),
+        ("a", True),
+        ("a" * 63, True),
+        ("a" * 64, False),
+        ("1abc", False),
+        ("Win10", False),
+        ("w_10", False),
+        ("", False),
+        ("web-01", True),
+    ],
 )
 def test_valid_machine_ids(machine_id: str, valid: bool) -> None:
     assert is_valid_machine_id(machine_id) is valid
@@ -41,8 +50,13 @@ def test_valid_machine_ids(machine_id: str, valid: bool) -> None:
 
 @pytest.mark.parametrize(
     ("display", "expected"),
-    [("Windows 10", "windows-10"), ("  XP SP3 (32-bit) ", "xp-sp3-32-bit"), ("2019", "vm-2019"),
-     ("***", "vm"), ("A" * 80, "a" * 63)],
+    [
+        ("Windows 10", "windows-10"),
+        ("  XP SP3 (32-bit) ", "xp-sp3-32-bit"),
+        ("2019", "vm-2019"),
+        ("***", "vm"),
+        ("A" * 80, "a" * 63),
+    ],
 )
 def test_machine_id_from_display_name(display: str, expected: str) -> None:
     derived = machine_id_from_display_name(display)
