@@ -109,7 +109,10 @@ class PagefusionServer:
 
     async def start(self) -> int:
         """Bind, start serving and report SERVING; returns the bound port."""
-        self.port = self._server.add_insecure_port(self.settings.listen)
+        try:
+            self.port = self._server.add_insecure_port(self.settings.listen)
+        except RuntimeError as exc:  # grpc reports bind failures this way
+            raise OSError(f"cannot listen on {self.settings.listen}: {exc}") from None
         if self.port == 0:
             raise OSError(f"cannot listen on {self.settings.listen}")
         await self._server.start()

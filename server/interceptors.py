@@ -65,6 +65,7 @@ async def _guard(method: str, request_id: str, context: aio.ServicerContext) -> 
                 40 if code is grpc.StatusCode.INTERNAL else 20,
                 "rpc",
                 method=method,
+                request_id=request_id,
                 code=code.name,
                 duration_ms=round((time.perf_counter() - start) * 1000, 3),
             )

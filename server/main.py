@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import signal
+import sqlite3
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -84,7 +85,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         asyncio.run(serve(settings, args.port_file))
-    except OSError as exc:
+    except (OSError, sqlite3.Error) as exc:
         log.error("startup_failed", error=str(exc))
         return 1
     return 0

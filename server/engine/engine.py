@@ -87,7 +87,6 @@ from pagefusion.server.engine.types import (
     ScanResult,
 )
 
-INDEXED = 1
 #: Pages per ingest batch: large enough to amortise numpy calls, small
 #: enough that a group of equal pages fits a 16-bit refcount.
 BATCH_PAGES = 16384
@@ -411,7 +410,7 @@ class FusionEngine:
         # A removed entry must be gone before its frame can be indexed again.
         for other in self._indexes.values():
             other.flush()
-        self._pool.flags[frames] |= INDEXED
+        self._pool.set_indexed(frames)
         index.insert(keys, frames)
 
     def _find(
@@ -420,7 +419,7 @@ class FusionEngine:
         """Slow path: an indexed frame equal to ``page`` that can take ``extra`` users."""
         pool = self._pool
         for frame in index.candidates(key):
-            if frame == exclude or not pool.flags[frame] & INDEXED:
+            if frame == exclude or not pool.frame_indexed(frame):
                 continue
             if not np.array_equal(pool.words[frame], page):
                 continue
@@ -428,7 +427,7 @@ class FusionEngine:
                 return frame
             # Saturated: let the next copy of this content start a new frame.
             index.remove(np.array([key], dtype=np.uint32), np.array([frame], dtype=np.uint32))
-            pool.flags[frame] &= ~np.uint8(INDEXED)
+            pool.clear_indexed(np.array([frame]))
         return 0
 
     def _group(
@@ -476,7 +475,7 @@ class FusionEngine:
         if not len(has):
             return found
         frames = cand[has]
-        ok = (pool.flags[frames] & INDEXED) != 0
+        ok = pool.is_indexed(frames)
         ok &= pool.refcount[frames].astype(np.int64) + counts[has] <= MAX_REFCOUNT
         if own is not None:
             ok &= frames != own[has]
@@ -552,7 +551,7 @@ class FusionEngine:
         self._frames_shared -= int(np.count_nonzero((before >= 2) & (after < 2)))
         pool.refcount[uniq] = after
         freed = uniq[after == 0]
-        self._unindex(freed[(pool.flags[freed] & INDEXED) != 0], domain)
+        self._unindex(freed[pool.is_indexed(freed)], domain)
         pool.release(freed)
 
     def _unindex(self, frames: np.ndarray, domain: str) -> None:
@@ -561,7 +560,7 @@ class FusionEngine:
             return
         hashes = self._hash(self._arena, frames)
         self._index(domain).remove((hashes[:, 0] >> np.uint64(32)).astype(np.uint32), frames)
-        self._pool.flags[frames] &= ~np.uint8(INDEXED)
+        self._pool.clear_indexed(frames)
 
     # -- guest access -------------------------------------------------------
 
@@ -636,7 +635,7 @@ class FusionEngine:
         if machine.stable is not None:
             machine.stable[page] = 0
         if pool.refcount[frame] == 1:
-            if pool.flags[frame] & INDEXED:
+            if pool.frame_indexed(frame):
                 self._unindex(np.array([frame], dtype=np.uint32), machine.domain)
             arena[start + lo : start + lo + len(chunk)] = chunk
             if zeros and not pool.words[frame].any():
@@ -777,7 +776,7 @@ class FusionEngine:
         pool = self._pool
         frames = machine.map[lo:hi]
         eligible = (
-            (frames != 0) & (pool.refcount[frames] == 1) & ((pool.flags[frames] & INDEXED) == 0)
+            (frames != 0) & (pool.refcount[frames] == 1) & ~pool.is_indexed(frames)
         )
         if machine.stable is not None:
             eligible &= machine.stable[lo:hi] >= self._config.stable_scans_before_merge

@@ -44,7 +44,8 @@ class FramePool:
         frames: the arena as a (frames, 4096) uint8 array (rows are frames).
         words: the same memory as (frames, 512) uint64, for fast compares.
         refcount: uint16 per frame.
-        flags: uint8 per frame, owned by the engine.
+        indexed: one bit per frame (the frame is in a fusion index), read and
+            set through is_indexed / set_indexed / clear_indexed.
         used: frames with refcount >= 1.
     """
 
@@ -65,7 +66,7 @@ class FramePool:
         self.frames = np.frombuffer(self._mm, dtype=np.uint8).reshape(-1, PAGE_SIZE)
         self.words = self.frames.view(np.uint64)
         self.refcount = np.zeros(CHUNK_FRAMES, dtype=np.uint16)
-        self.flags = np.zeros(CHUNK_FRAMES, dtype=np.uint8)
+        self._indexed = np.zeros(CHUNK_FRAMES // 8, dtype=np.uint8)
         self.used = 0
         self._hwm = 1  # frames below this have been handed out at least once
         self._free = np.zeros(CHUNK_FRAMES, dtype=np.uint32)
@@ -94,7 +95,7 @@ class FramePool:
     def metadata_bytes(self) -> int:
         return int(
             self.refcount.nbytes
-            + self.flags.nbytes
+            + self._indexed.nbytes
             + self._free.nbytes
             + self._chunk_used.nbytes
             + self._chunk_held.nbytes
@@ -165,7 +166,7 @@ class FramePool:
         if n == 0:
             return
         frames = frames.astype(np.uint32, copy=False)
-        self.flags[frames] = 0
+        self.clear_indexed(frames)
         self._push(frames)
         counts = np.bincount(frames // CHUNK_FRAMES, minlength=len(self._chunk_used))
         self._chunk_used -= counts.astype(np.int32)
@@ -178,7 +179,7 @@ class FramePool:
             self._free[: self._nfree] = np.sort(self._free[: self._nfree])[::-1]
 
     def release_one(self, frame: int) -> None:
-        self.flags[frame] = 0
+        self._indexed[frame >> 3] &= ~np.uint8(1 << (frame & 7))
         self._push(np.array([frame], dtype=np.uint32))
         chunk = frame // CHUNK_FRAMES
         self._chunk_used[chunk] -= 1
@@ -214,12 +215,34 @@ class FramePool:
     def _grow(self, hwm: int) -> None:
         if hwm <= len(self.refcount):
             return
-        cap = min(max(hwm, 2 * len(self.refcount)), self._reserved_frames)
-        for name in ("refcount", "flags"):
-            old = getattr(self, name)
-            new = np.zeros(cap, dtype=old.dtype)
-            new[: len(old)] = old
-            setattr(self, name, new)
+        # Grow in steps of 1/8 (at least 64 chunks): metadata stays close to
+        # what is used, and copies stay rare.
+        step = max(len(self.refcount) // 8, 64 * CHUNK_FRAMES)
+        cap = min(-(-hwm // step) * step, self._reserved_frames)
+        refcount = np.zeros(cap, dtype=np.uint16)
+        refcount[: len(self.refcount)] = self.refcount
+        self.refcount = refcount
+        indexed = np.zeros(-(-cap // 8), dtype=np.uint8)
+        indexed[: len(self._indexed)] = self._indexed
+        self._indexed = indexed
+
+    # -- the INDEXED bit ------------------------------------------------------
+
+    def is_indexed(self, frames: np.ndarray) -> np.ndarray:
+        """Boolean per frame: is it in a fusion index?"""
+        frames = frames.astype(np.int64, copy=False)
+        return ((self._indexed[frames >> 3] >> (frames & 7).astype(np.uint8)) & 1).astype(bool)
+
+    def frame_indexed(self, frame: int) -> bool:
+        return bool(self._indexed[frame >> 3] & (1 << (frame & 7)))
+
+    def set_indexed(self, frames: np.ndarray) -> None:
+        frames = frames.astype(np.int64, copy=False)
+        np.bitwise_or.at(self._indexed, frames >> 3, (1 << (frames & 7)).astype(np.uint8))
+
+    def clear_indexed(self, frames: np.ndarray) -> None:
+        frames = frames.astype(np.int64, copy=False)
+        np.bitwise_and.at(self._indexed, frames >> 3, ~(1 << (frames & 7)).astype(np.uint8))
 
     def close(self) -> None:
         del self.frames, self.words

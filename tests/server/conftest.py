@@ -65,13 +65,16 @@ def page_pattern(size: int) -> bytes:
 
 
 class GateMemory(GuestMemory):
-    def __init__(self, size: int, gate: Gate, block: str, fail: bool) -> None:
+    def __init__(self, size: int, gate: Gate, block: str, fail: bool, crash: bool) -> None:
         self._data = page_pattern(size)
+        self._crash = crash
         self._gate = gate
         self._block = block
         self._fail = fail
 
     def ranges(self) -> Sequence[MemoryRange]:
+        if self._crash:
+            raise RuntimeError("an adapter bug the server did not expect")
         return (MemoryRange(0, len(self._data)),)
 
     def read(self, address: int, length: int) -> bytes:
@@ -87,10 +90,15 @@ class GateMemory(GuestMemory):
 
 
 class GateAdapter(Adapter):
-    """A test adapter: ``size`` bytes of unique pages; ``block`` read|close; ``fail``."""
+    """A test adapter: ``size`` bytes of unique pages; ``block`` read|close; ``fail``; ``crash``."""
 
     name = "gate"
-    options = {"size": "bytes", "block": "read or close", "fail": "true to fail reads"}
+    options = {
+        "size": "bytes",
+        "block": "read or close",
+        "fail": "true to fail reads",
+        "crash": "true to raise an unexpected exception",
+    }
 
     def __init__(self) -> None:
         self.gate = Gate()
@@ -98,7 +106,7 @@ class GateAdapter(Adapter):
     def open(self, options: Mapping[str, str], context: AdapterContext) -> GuestMemory:
         return GateMemory(
             int(options.get("size", "65536")), self.gate, options.get("block", ""),
-            options.get("fail") == "true",
+            options.get("fail") == "true", options.get("crash") == "true",
         )
 
 
