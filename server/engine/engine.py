@@ -775,9 +775,7 @@ class FusionEngine:
         """Fuse private, unindexed (and stable) pages in [lo, hi); returns pages fused."""
         pool = self._pool
         frames = machine.map[lo:hi]
-        eligible = (
-            (frames != 0) & (pool.refcount[frames] == 1) & ~pool.is_indexed(frames)
-        )
+        eligible = (frames != 0) & (pool.refcount[frames] == 1) & ~pool.is_indexed(frames)
         if machine.stable is not None:
             eligible &= machine.stable[lo:hi] >= self._config.stable_scans_before_merge
         pages = lo + np.flatnonzero(eligible)

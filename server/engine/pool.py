@@ -215,9 +215,9 @@ class FramePool:
     def _grow(self, hwm: int) -> None:
         if hwm <= len(self.refcount):
             return
-        # Grow in steps of 1/8 (at least 64 chunks): metadata stays close to
+        # Grow in steps of 1/8 (at least 8 chunks): metadata stays close to
         # what is used, and copies stay rare.
-        step = max(len(self.refcount) // 8, 64 * CHUNK_FRAMES)
+        step = max(len(self.refcount) // 8, 8 * CHUNK_FRAMES)
         cap = min(-(-hwm // step) * step, self._reserved_frames)
         refcount = np.zeros(cap, dtype=np.uint16)
         refcount[: len(self.refcount)] = self.refcount
