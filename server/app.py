@@ -79,7 +79,7 @@ class PagefusionServer:
         )
         self.adapters = dict(load_adapters() if adapters is None else adapters)
         self.inventory = Inventory(self.registry)
-        self.health = health.aio.HealthServicer()
+        self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]
         self.port = 0
         allowed = tuple(p.resolve() for p in settings.allow_paths)
         self._server = aio.server(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from typing import cast
 
 from google.protobuf import field_mask_pb2
 from grpc import aio
@@ -19,7 +20,7 @@ CONFIG_FIELDS = ("mode", "background_scan", "pages_per_second", "stable_scans_be
 
 def config_to_proto(config: FusionConfig) -> pb.FusionConfig:
     return pb.FusionConfig(
-        mode=int(config.mode),
+        mode=cast(pb.FusionMode, int(config.mode)),
         background_scan=config.background_scan,
         pages_per_second=config.pages_per_second,
         stable_scans_before_merge=config.stable_scans_before_merge,

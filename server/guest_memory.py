@@ -7,6 +7,7 @@ land with their own issue; until then they answer UNIMPLEMENTED.
 from __future__ import annotations
 
 import asyncio
+from typing import cast
 
 from grpc import aio
 from pagefusion.server.engine import FusionEngine
@@ -73,7 +74,9 @@ class GuestMemoryServicer(guest_memory_pb2_grpc.GuestMemoryServiceServicer):
     ) -> pb.GetPageInfoResponse:
         machine_id = self._running(request.name)
         info = await asyncio.to_thread(self._engine.page_info, machine_id, request.address)
-        return pb.GetPageInfoResponse(state=int(info.state), share_count=info.share_count)
+        return pb.GetPageInfoResponse(
+            state=cast(pb.PageState, int(info.state)), share_count=info.share_count
+        )
 
     # The hint path (VirtualBox's shared modules): served in a later issue.
 

@@ -57,7 +57,7 @@ async def _guard(method: str, request_id: str, context: aio.ServicerContext) -> 
                 raise
             status = to_status(exc)
             code = status.code
-            await context.abort_with_status(status)
+            await context.abort(status.code, status.details, status.trailing_metadata)
         finally:
             if not isinstance(code, grpc.StatusCode):  # context.code() may give an int
                 code = grpc.StatusCode.UNKNOWN
@@ -86,7 +86,7 @@ class ServerInterceptor(aio.ServerInterceptor):
         request_id = _request_id(handler_call_details)
 
         if handler.unary_unary is not None:
-            unary = handler.unary_unary
+            unary: Any = handler.unary_unary
 
             async def unary_unary(request: Any, context: aio.ServicerContext) -> Any:
                 async with _guard(method, request_id, context):
@@ -96,7 +96,7 @@ class ServerInterceptor(aio.ServerInterceptor):
                 unary_unary, handler.request_deserializer, handler.response_serializer
             )
 
-        streaming = handler.unary_stream or handler.stream_stream
+        streaming: Any = handler.unary_stream or handler.stream_stream
         if streaming is None:  # client streaming: none of ours; pass through unlogged
             return handler
         factory = (grpc.unary_stream_rpc_method_handler if handler.unary_stream is not None

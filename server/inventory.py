@@ -21,8 +21,6 @@ from pagefusion.server.registry import Registry
 from pagefusion.server.resources import MACHINE_TYPE, machine_name
 from pagefusion.v1 import machine_pb2
 
-State = machine_pb2.Machine.State
-
 
 class Inventory:
     """Machines by id, with their current state."""
@@ -50,10 +48,10 @@ class Inventory:
     def ids(self) -> list[str]:
         return sorted(self._machines)
 
-    def state(self, machine_id: str) -> State.ValueType:
+    def state(self, machine_id: str) -> machine_pb2.Machine.State:
         return self.get(machine_id).state
 
-    def set_state(self, machine_id: str, state: State.ValueType) -> None:
+    def set_state(self, machine_id: str, state: machine_pb2.Machine.State) -> None:
         machine = self._machines.get(machine_id)
         if machine is not None:
             machine.state = state

@@ -56,7 +56,7 @@ OUTPUT_ONLY_FIELDS = ("name", "state", "create_time")
 _SUBFIELDS = {"memory_source.adapter", "memory_source.options"}
 
 
-def state_name(state: State.ValueType) -> str:
+def state_name(state: machine_pb2.Machine.State) -> str:
     return State.Name(state)
 
 
@@ -205,7 +205,9 @@ class MachineServicer(machine_pb2_grpc.MachineServiceServicer):
 
     # checks
 
-    def _require_state(self, machine_id: str, state: State.ValueType, verb: str) -> Machine:
+    def _require_state(
+        self, machine_id: str, state: machine_pb2.Machine.State, verb: str
+    ) -> Machine:
         machine = self._inventory.get(machine_id)
         if machine.state != state:
             raise failed_precondition(

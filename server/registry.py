@@ -16,6 +16,7 @@ from __future__ import annotations
 import sqlite3
 import threading
 from pathlib import Path
+from typing import cast
 
 from pagefusion.server.engine import FusionConfig, FusionMode
 from pagefusion.v1 import fusion_pb2, machine_pb2
@@ -121,7 +122,7 @@ class Registry:
 
     def save_fusion_config(self, config: FusionConfig) -> None:
         msg = fusion_pb2.FusionConfig(
-            mode=int(config.mode),
+            mode=cast(fusion_pb2.FusionMode, int(config.mode)),
             background_scan=config.background_scan,
             pages_per_second=config.pages_per_second,
             stable_scans_before_merge=config.stable_scans_before_merge,

@@ -183,7 +183,8 @@ class Api:
         )
 
     def get(self, machine_id: str) -> machine_pb2.Machine:
-        return self.machines.GetMachine(machine_pb2.GetMachineRequest(name=f"machines/{machine_id}"))
+        request = machine_pb2.GetMachineRequest(name=f"machines/{machine_id}")
+        return self.machines.GetMachine(request)
 
 
 @dataclass

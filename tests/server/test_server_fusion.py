@@ -16,7 +16,9 @@ PAGE = 4096
 
 def _update(api, config, *paths):
     return api.fusion.UpdateFusionConfig(
-        pb.UpdateFusionConfigRequest(config=config, update_mask=field_mask_pb2.FieldMask(paths=paths))
+        pb.UpdateFusionConfigRequest(
+            config=config, update_mask=field_mask_pb2.FieldMask(paths=paths)
+        )
     )
 
 
