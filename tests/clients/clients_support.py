@@ -26,6 +26,7 @@ from typing import Any
 
 import grpc
 import pytest
+
 from pagefusion.v1 import (
     guest_memory_pb2,
     guest_memory_pb2_grpc,

@@ -17,6 +17,7 @@ from collections.abc import Iterator
 
 import pytest
 from clients_support import Cli, Fake, start_fake
+
 from pagefusion.clients.client import PageFusionClient
 from pagefusion.clients.testing import RunningServer, run_server
 

@@ -8,6 +8,7 @@ import grpc
 import pytest
 from clients_support import memory_source
 from google.rpc import error_details_pb2
+
 from pagefusion.clients.client import MAX_TRANSFER_BYTES, PageFusionClient, PageFusionError
 from pagefusion.clients.testing import RunningServer
 from pagefusion.v1 import fusion_pb2, guest_memory_pb2, machine_pb2

@@ -7,6 +7,7 @@ from typing import Any
 import grpc
 from google.protobuf import any_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
+
 from pagefusion.clients.errors import PageFusionError
 
 

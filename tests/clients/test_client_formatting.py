@@ -6,6 +6,7 @@ import datetime as dt
 
 import pytest
 from google.protobuf import timestamp_pb2
+
 from pagefusion.clients import formatting
 from pagefusion.v1 import fusion_pb2, machine_pb2, performance_pb2
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from pagefusion.clients.resources import (
     format_source,
     is_valid_machine_id,
