@@ -15,6 +15,7 @@ import structlog
 from grpc import aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+
 from pagefusion.adapters.base import Adapter
 from pagefusion.adapters.registry import load_adapters
 from pagefusion.server.engine import FusionEngine
@@ -23,7 +24,8 @@ from pagefusion.server.guest_memory import MAX_TRANSFER_BYTES, GuestMemoryServic
 from pagefusion.server.interceptors import ServerInterceptor
 from pagefusion.server.inventory import Inventory
 from pagefusion.server.machines import MachineServicer
-from pagefusion.server.performance import PerformanceServicer
+from pagefusion.server.performance import MetricsCollector, PerformanceServicer, Sampler
+from pagefusion.server.prometheus import PrometheusExporter
 from pagefusion.server.registry import Registry
 from pagefusion.v1 import (
     fusion_pb2,
@@ -82,17 +84,28 @@ class PagefusionServer:
         self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]
         self.port = 0
         allowed = tuple(p.resolve() for p in settings.allow_paths)
+        self.metrics = MetricsCollector.for_engine(
+            self.engine, known=lambda machine_id: machine_id in self.inventory.ids()
+        )
+        self.sampler = Sampler(self.metrics)
+        self.prometheus = (
+            PrometheusExporter(self.engine.stats, settings.metrics_listen)
+            if settings.metrics_listen else None
+        )
+        # gRPC server metrics outermost, so they see the status the call ends with.
+        interceptors: list[aio.ServerInterceptor] = [ServerInterceptor()]
+        if self.prometheus is not None:
+            interceptors.insert(0, self.prometheus.interceptor)
         self._server = aio.server(
-            interceptors=[ServerInterceptor()],
+            interceptors=interceptors,
             options=[
                 ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                 ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
                 *settings.options,
             ],
         )
-        machine_pb2_grpc.add_MachineServiceServicer_to_server(
-            MachineServicer(self.inventory, self.engine, self.adapters, allowed), self._server
-        )
+        self._machines = MachineServicer(self.inventory, self.engine, self.adapters, allowed)
+        machine_pb2_grpc.add_MachineServiceServicer_to_server(self._machines, self._server)
         guest_memory_pb2_grpc.add_GuestMemoryServiceServicer_to_server(
             GuestMemoryServicer(self.inventory, self.engine), self._server
         )
@@ -100,7 +113,7 @@ class PagefusionServer:
             FusionServicer(self.inventory, self.engine, self.registry), self._server
         )
         performance_pb2_grpc.add_PerformanceServiceServicer_to_server(
-            PerformanceServicer(), self._server
+            PerformanceServicer(self.metrics), self._server
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
         reflection.enable_server_reflection(
@@ -116,6 +129,7 @@ class PagefusionServer:
         if self.port == 0:
             raise OSError(f"cannot listen on {self.settings.listen}")
         await self._server.start()
+        self.sampler.start()
         self._start_metrics()
         for service in ("", *SERVICE_NAMES):
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
@@ -128,14 +142,18 @@ class PagefusionServer:
 
     def _start_metrics(self) -> None:
         """Hook for the Prometheus ``/metrics`` endpoint (``--metrics-listen``)."""
-        if self.settings.metrics_listen:
-            log.warning("metrics_endpoint_not_served_yet",
-                        metrics_listen=self.settings.metrics_listen)
+        if self.prometheus is not None:
+            self.prometheus.start(SERVICE_NAMES)
 
     async def stop(self, grace: float | None = None) -> None:
         """Report NOT_SERVING, refuse new calls, let in-flight ones finish, release memory."""
         await self.health.enter_graceful_shutdown()
+        self.metrics.close()  # ends WatchMetrics streams cleanly
         await self._server.stop(self.settings.grace_seconds if grace is None else grace)
+        await self._machines.drain()
+        await self.sampler.stop()
+        if self.prometheus is not None:
+            self.prometheus.stop()
         for machine_id in self.engine.running_machines():
             await asyncio.to_thread(self.engine.stop_machine, machine_id)
         self.engine.close()
