@@ -12,8 +12,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-from collections.abc import Mapping
+from collections.abc import Coroutine, Mapping
 from pathlib import Path
+from typing import Any
 
 from google.protobuf import empty_pb2, field_mask_pb2
 from grpc import aio
@@ -74,6 +75,7 @@ class MachineServicer(machine_pb2_grpc.MachineServiceServicer):
         self._engine = engine
         self._adapters = adapters
         self._allowed_paths = allowed_paths
+        self._transitions: set[asyncio.Task[None]] = set()
 
     # standard methods
 
@@ -155,7 +157,7 @@ class MachineServicer(machine_pb2_grpc.MachineServiceServicer):
         async with self._inventory.lock(machine_id):
             machine = self._require_state(machine_id, State.STATE_POWERED_OFF, "started")
             self._inventory.set_state(machine_id, State.STATE_STARTING)
-        await asyncio.shield(asyncio.ensure_future(self._start(machine)))
+        await self._transition(self._start(machine))
         return self._inventory.get(machine_id)
 
     async def _start(self, machine: Machine) -> None:
@@ -191,7 +193,7 @@ class MachineServicer(machine_pb2_grpc.MachineServiceServicer):
         async with self._inventory.lock(machine_id):
             self._require_state(machine_id, State.STATE_RUNNING, "stopped")
             self._inventory.set_state(machine_id, State.STATE_STOPPING)
-        await asyncio.shield(asyncio.ensure_future(self._stop(machine_id)))
+        await self._transition(self._stop(machine_id))
         return self._inventory.get(machine_id)
 
     async def _stop(self, machine_id: str) -> None:
@@ -202,6 +204,19 @@ class MachineServicer(machine_pb2_grpc.MachineServiceServicer):
             self._inventory.set_state(
                 machine_id, State.STATE_RUNNING if running else State.STATE_POWERED_OFF
             )
+
+    async def _transition(self, work: Coroutine[Any, Any, None]) -> None:
+        """Run a start or stop as its own task: a caller that gives up (or a
+        shutdown that cancels the call) does not cut it short."""
+        task = asyncio.ensure_future(work)
+        self._transitions.add(task)
+        task.add_done_callback(self._transitions.discard)
+        await asyncio.shield(task)
+
+    async def drain(self) -> None:
+        """Wait for starts and stops in progress (used on shutdown)."""
+        if self._transitions:
+            await asyncio.gather(*self._transitions, return_exceptions=True)
 
     # checks
 

@@ -166,3 +166,9 @@ def test_bad_name_is_invalid_argument(api, expect_failure):
 def test_hint_path_is_unimplemented_for_now(api, expect_failure, rpc, request_):
     failure = expect_failure(getattr(api.guest, rpc), request_, Code.UNIMPLEMENTED)
     assert rpc in failure.message
+
+
+def test_write_of_4_mib_fits_the_message_limits(api, vm):
+    data = bytes(range(256)) * (4 * MiB // 256)
+    api.guest.WriteGuestMemory(pb.WriteGuestMemoryRequest(name=vm, address=0, data=data))
+    assert _read(api, vm, 0, 4 * MiB) == data
