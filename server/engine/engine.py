@@ -64,6 +64,7 @@ from dataclasses import replace
 
 import mmh3
 import numpy as np
+
 from pagefusion.adapters.base import GuestMemory, GuestModule, MemoryRange
 from pagefusion.server.engine.errors import (
     AlreadyExistsError,
@@ -74,6 +75,7 @@ from pagefusion.server.engine.errors import (
     SourceFailedError,
 )
 from pagefusion.server.engine.index import FusionIndex
+from pagefusion.server.engine.modules import ModuleRegistry, module_key, region_pages
 from pagefusion.server.engine.pool import MAX_REFCOUNT, FramePool, host_memory_bytes
 from pagefusion.server.engine.types import (
     PAGE_SIZE,
@@ -198,6 +200,7 @@ class FusionEngine:
         self._frames_shared = 0
         self._full_scans = 0
         self._scan_cursor: tuple[str, int] = ("", 0)
+        self._modules = ModuleRegistry()
 
     # -- configuration ------------------------------------------------------
 
@@ -361,6 +364,7 @@ class FusionEngine:
         """Forget a machine and release every frame it holds (under the lock)."""
         if self._machines.get(machine.machine_id) is not machine:
             return
+        self._modules.drop_machine(machine.machine_id)
         frames = machine.map[: machine.ingested]
         self._decref(frames[frames != 0], machine.domain)
         self._guest_pages -= machine.ingested
@@ -410,7 +414,7 @@ class FusionEngine:
         # A removed entry must be gone before its frame can be indexed again.
         for other in self._indexes.values():
             other.flush()
-        self._pool.set_indexed(frames)
+        self._pool.indexed.set(frames)
         index.insert(keys, frames)
 
     def _find(
@@ -419,7 +423,7 @@ class FusionEngine:
         """Slow path: an indexed frame equal to ``page`` that can take ``extra`` users."""
         pool = self._pool
         for frame in index.candidates(key):
-            if frame == exclude or not pool.frame_indexed(frame):
+            if frame == exclude or not pool.indexed.test(frame):
                 continue
             if not np.array_equal(pool.words[frame], page):
                 continue
@@ -427,7 +431,7 @@ class FusionEngine:
                 return frame
             # Saturated: let the next copy of this content start a new frame.
             index.remove(np.array([key], dtype=np.uint32), np.array([frame], dtype=np.uint32))
-            pool.clear_indexed(np.array([frame]))
+            pool.indexed.clear(np.array([frame]))
         return 0
 
     def _group(
@@ -475,7 +479,7 @@ class FusionEngine:
         if not len(has):
             return found
         frames = cand[has]
-        ok = pool.is_indexed(frames)
+        ok = pool.indexed.get(frames)
         ok &= pool.refcount[frames].astype(np.int64) + counts[has] <= MAX_REFCOUNT
         if own is not None:
             ok &= frames != own[has]
@@ -551,7 +555,8 @@ class FusionEngine:
         self._frames_shared -= int(np.count_nonzero((before >= 2) & (after < 2)))
         pool.refcount[uniq] = after
         freed = uniq[after == 0]
-        self._unindex(freed[pool.is_indexed(freed)], domain)
+        self._unindex(freed[pool.indexed.get(freed)], domain)
+        self._modules.forget_frames(domain, freed[pool.hinted.get(freed)])
         pool.release(freed)
 
     def _unindex(self, frames: np.ndarray, domain: str) -> None:
@@ -560,7 +565,7 @@ class FusionEngine:
             return
         hashes = self._hash(self._arena, frames)
         self._index(domain).remove((hashes[:, 0] >> np.uint64(32)).astype(np.uint32), frames)
-        self._pool.clear_indexed(frames)
+        self._pool.indexed.clear(frames)
 
     # -- guest access -------------------------------------------------------
 
@@ -635,8 +640,11 @@ class FusionEngine:
         if machine.stable is not None:
             machine.stable[page] = 0
         if pool.refcount[frame] == 1:
-            if pool.frame_indexed(frame):
+            if pool.indexed.test(frame):
                 self._unindex(np.array([frame], dtype=np.uint32), machine.domain)
+            if pool.hinted.test(frame):  # its content changes: no longer canonical
+                self._modules.forget_frames(machine.domain, np.array([frame], dtype=np.uint32))
+                pool.hinted.clear_one(frame)
             arena[start + lo : start + lo + len(chunk)] = chunk
             if zeros and not pool.words[frame].any():
                 self._to_zero(machine, page, frame)
@@ -677,6 +685,120 @@ class FusionEngine:
                 return PageInfo(PageState.ZERO, 0)
             users = int(self._pool.refcount[frame])
             return PageInfo(PageState.SHARED if users >= 2 else PageState.PRIVATE, users)
+
+    # -- the hint path (VirtualBox's shared modules) ---------------------------
+
+    def page_sharing_enabled(self, machine_id: str) -> bool:
+        """What a guest agent asks first: may this machine share module pages?"""
+        with self._lock:
+            machine = self._running(machine_id)
+            return machine.page_fusion and self._config.mode.hints
+
+    def register_module(self, machine_id: str, module: GuestModule) -> None:
+        """Record a module a guest agent reports as loaded.
+
+        Raises:
+            InvalidArgumentError: a VirtualBox limit is exceeded.
+            OutOfRangeError: a region lies outside the machine's memory.
+            AlreadyExistsError: the same module is registered at that base.
+            FailedPreconditionError: another module uses that base (address
+                clash), or page fusion is off for the machine.
+        """
+        module_key(module)
+        with self._lock:
+            machine = self._fusing(machine_id)
+            pages = []
+            for i, region in enumerate(module.regions):
+                first = region.address // PAGE_SIZE * PAGE_SIZE
+                count = region_pages(region.address, region.size)
+                try:
+                    pages.append(machine.span(first, count * PAGE_SIZE))
+                except OutOfRangeError:
+                    raise OutOfRangeError(
+                        f"region {i} of module {module.module_name!r} "
+                        f"({region.address:#x}+{region.size:#x}) lies outside the memory of "
+                        f"machine {machine_id!r} (mapped: {machine.describe_ranges()})",
+                        field=f"module.regions[{i}]",
+                        reason="REGION_UNMAPPED",
+                    ) from None
+            self._modules.register(machine_id, machine.domain, module, pages)
+
+    def unregister_module(self, machine_id: str, module: GuestModule) -> None:
+        """Forget a module (matched by name, version, base and size).
+
+        Its pages stay shared until written or freed, as in VirtualBox.
+        """
+        with self._lock:
+            self._running(machine_id)
+            self._modules.unregister(machine_id, module)
+
+    def registered_modules(self, machine_id: str) -> list[GuestModule]:
+        with self._lock:
+            self._running(machine_id)
+            return [r.module for r in self._modules.registrations(machine_id)]
+
+    def check_shared_modules(self, machine_id: str) -> tuple[int, int]:
+        """Fuse the machine's registered module pages by position.
+
+        For every page position of every registered module region: the first
+        machine to offer a non-zero page there provides the canonical frame;
+        a later machine's PRIVATE page at the same position is shared with
+        it when the bytes are equal. Returns (pages checked, pages fused);
+        pages checked counts the non-zero pages examined.
+        """
+        with self._lock:
+            machine = self._fusing(machine_id)
+            if not self._config.mode.hints:
+                return 0, 0
+            checked = fused = 0
+            for reg in self._modules.registrations(machine_id):
+                for canonical, pages in zip(reg.shared.canonical, reg.pages, strict=True):
+                    c, f = self._check_region(machine, canonical, pages)
+                    checked += c
+                    fused += f
+            return checked, fused
+
+    def _fusing(self, machine_id: str) -> _Machine:
+        machine = self._running(machine_id)
+        if not machine.page_fusion:
+            raise FailedPreconditionError(
+                f"page fusion is off for machine {machine_id!r}; turn it on while the "
+                "machine is powered off",
+                reason="PAGE_FUSION_DISABLED",
+            )
+        return machine
+
+    def _check_region(
+        self, machine: _Machine, canonical: np.ndarray, pages: np.ndarray
+    ) -> tuple[int, int]:
+        pool = self._pool
+        frames = machine.map[pages]
+        nonzero = frames != 0
+        valid = (canonical != 0) & pool.hinted.get(canonical)
+        offer = nonzero & ~valid
+        if offer.any():  # first at these positions: this machine's pages become canonical
+            canonical[offer] = frames[offer]
+            pool.hinted.set(frames[offer])
+        candidates = np.flatnonzero(
+            valid & nonzero & (frames != canonical) & (pool.refcount[frames] == 1)
+        )
+        checked = int(np.count_nonzero(nonzero))
+        if not len(candidates):
+            return checked, 0
+        old = frames[candidates]
+        target = canonical[candidates]
+        equal = (pool.words[old] == pool.words[target]).all(axis=1)
+        candidates, old, target = candidates[equal], old[equal], target[equal]
+        uniq, counts = np.unique(target, return_counts=True)
+        room = pool.refcount[uniq].astype(np.int64) + counts <= MAX_REFCOUNT
+        if not room.all():  # a saturated canonical frame takes no more users
+            fits = np.isin(target, uniq[room])
+            candidates, old, target = candidates[fits], old[fits], target[fits]
+            uniq, counts = uniq[room], counts[room]
+        self._incref(uniq, counts)
+        machine.map[pages[candidates]] = target
+        self._decref(old, machine.domain)
+        return checked, len(candidates)
 
     # -- scans --------------------------------------------------------------
 
@@ -775,7 +897,7 @@ class FusionEngine:
         """Fuse private, unindexed (and stable) pages in [lo, hi); returns pages fused."""
         pool = self._pool
         frames = machine.map[lo:hi]
-        eligible = (frames != 0) & (pool.refcount[frames] == 1) & ~pool.is_indexed(frames)
+        eligible = (frames != 0) & (pool.refcount[frames] == 1) & ~pool.indexed.get(frames)
         if machine.stable is not None:
             eligible &= machine.stable[lo:hi] >= self._config.stable_scans_before_merge
         pages = lo + np.flatnonzero(eligible)
@@ -840,6 +962,7 @@ class FusionEngine:
             used = self._pool.used
             saved = self._guest_pages - self._zero_pages - used
             metadata = self._pool.metadata_bytes + sum(i.nbytes for i in self._indexes.values())
+            metadata += self._modules.nbytes
             for m in self._machines.values():
                 metadata += m.map.nbytes + (m.stable.nbytes if m.stable is not None else 0)
             host = HostStats(

@@ -22,12 +22,48 @@ import mmap
 import os
 
 import numpy as np
+
 from pagefusion.server.engine.errors import ResourceExhaustedError
 from pagefusion.server.engine.types import PAGE_SIZE
 
 CHUNK_FRAMES = 512  # 2 MiB: one transparent huge page
 MAX_REFCOUNT = 0xFFFF
 _MAP_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000)
+
+
+class FrameBits:
+    """One bit per frame (an eighth of a byte of metadata per frame)."""
+
+    def __init__(self, frames: int) -> None:
+        self.bits = np.zeros(-(-frames // 8), dtype=np.uint8)
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.bits.nbytes)
+
+    def grow(self, frames: int) -> None:
+        bits = np.zeros(-(-frames // 8), dtype=np.uint8)
+        bits[: len(self.bits)] = self.bits
+        self.bits = bits
+
+    def get(self, frames: np.ndarray) -> np.ndarray:
+        """A boolean per frame."""
+        frames = frames.astype(np.int64, copy=False)
+        return ((self.bits[frames >> 3] >> (frames & 7).astype(np.uint8)) & 1).astype(bool)
+
+    def test(self, frame: int) -> bool:
+        return bool(self.bits[frame >> 3] & (1 << (frame & 7)))
+
+    def set(self, frames: np.ndarray) -> None:
+        frames = frames.astype(np.int64, copy=False)
+        np.bitwise_or.at(self.bits, frames >> 3, (1 << (frames & 7)).astype(np.uint8))
+
+    def clear(self, frames: np.ndarray) -> None:
+        frames = frames.astype(np.int64, copy=False)
+        np.bitwise_and.at(self.bits, frames >> 3, ~(1 << (frames & 7)).astype(np.uint8))
+
+    def clear_one(self, frame: int) -> None:
+        self.bits[frame >> 3] &= ~np.uint8(1 << (frame & 7))
 
 
 def host_memory_bytes() -> int:
@@ -44,8 +80,9 @@ class FramePool:
         frames: the arena as a (frames, 4096) uint8 array (rows are frames).
         words: the same memory as (frames, 512) uint64, for fast compares.
         refcount: uint16 per frame.
-        indexed: one bit per frame (the frame is in a fusion index), read and
-            set through is_indexed / set_indexed / clear_indexed.
+        indexed: a bit per frame: the frame is in a fusion index.
+        hinted: a bit per frame: the frame is the canonical frame of a
+            module position on the hint path.
         used: frames with refcount >= 1.
     """
 
@@ -66,7 +103,8 @@ class FramePool:
         self.frames = np.frombuffer(self._mm, dtype=np.uint8).reshape(-1, PAGE_SIZE)
         self.words = self.frames.view(np.uint64)
         self.refcount = np.zeros(CHUNK_FRAMES, dtype=np.uint16)
-        self._indexed = np.zeros(CHUNK_FRAMES // 8, dtype=np.uint8)
+        self.indexed = FrameBits(CHUNK_FRAMES)
+        self.hinted = FrameBits(CHUNK_FRAMES)
         self.used = 0
         self._hwm = 1  # frames below this have been handed out at least once
         self._free = np.zeros(CHUNK_FRAMES, dtype=np.uint32)
@@ -95,7 +133,8 @@ class FramePool:
     def metadata_bytes(self) -> int:
         return int(
             self.refcount.nbytes
-            + self._indexed.nbytes
+            + self.indexed.nbytes
+            + self.hinted.nbytes
             + self._free.nbytes
             + self._chunk_used.nbytes
             + self._chunk_held.nbytes
@@ -166,7 +205,8 @@ class FramePool:
         if n == 0:
             return
         frames = frames.astype(np.uint32, copy=False)
-        self.clear_indexed(frames)
+        self.indexed.clear(frames)
+        self.hinted.clear(frames)
         self._push(frames)
         counts = np.bincount(frames // CHUNK_FRAMES, minlength=len(self._chunk_used))
         self._chunk_used -= counts.astype(np.int32)
@@ -179,7 +219,8 @@ class FramePool:
             self._free[: self._nfree] = np.sort(self._free[: self._nfree])[::-1]
 
     def release_one(self, frame: int) -> None:
-        self._indexed[frame >> 3] &= ~np.uint8(1 << (frame & 7))
+        self.indexed.clear_one(frame)
+        self.hinted.clear_one(frame)
         self._push(np.array([frame], dtype=np.uint32))
         chunk = frame // CHUNK_FRAMES
         self._chunk_used[chunk] -= 1
@@ -222,27 +263,8 @@ class FramePool:
         refcount = np.zeros(cap, dtype=np.uint16)
         refcount[: len(self.refcount)] = self.refcount
         self.refcount = refcount
-        indexed = np.zeros(-(-cap // 8), dtype=np.uint8)
-        indexed[: len(self._indexed)] = self._indexed
-        self._indexed = indexed
-
-    # -- the INDEXED bit ------------------------------------------------------
-
-    def is_indexed(self, frames: np.ndarray) -> np.ndarray:
-        """Boolean per frame: is it in a fusion index?"""
-        frames = frames.astype(np.int64, copy=False)
-        return ((self._indexed[frames >> 3] >> (frames & 7).astype(np.uint8)) & 1).astype(bool)
-
-    def frame_indexed(self, frame: int) -> bool:
-        return bool(self._indexed[frame >> 3] & (1 << (frame & 7)))
-
-    def set_indexed(self, frames: np.ndarray) -> None:
-        frames = frames.astype(np.int64, copy=False)
-        np.bitwise_or.at(self._indexed, frames >> 3, (1 << (frames & 7)).astype(np.uint8))
-
-    def clear_indexed(self, frames: np.ndarray) -> None:
-        frames = frames.astype(np.int64, copy=False)
-        np.bitwise_and.at(self._indexed, frames >> 3, ~(1 << (frames & 7)).astype(np.uint8))
+        self.indexed.grow(cap)
+        self.hinted.grow(cap)
 
     def close(self) -> None:
         del self.frames, self.words

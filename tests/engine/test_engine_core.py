@@ -3,6 +3,7 @@ import threading
 import numpy as np
 import pytest
 from engine_helpers import PAGE, FakeMemory, page
+
 from pagefusion.server.engine import (
     AlreadyExistsError,
     FusionConfig,

@@ -1,4 +1,5 @@
 import numpy as np
+
 from pagefusion.server.engine.index import FusionIndex
 
 

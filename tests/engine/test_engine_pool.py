@@ -1,5 +1,6 @@
 import numpy as np
 import pytest
+
 from pagefusion.server.engine.errors import ResourceExhaustedError
 from pagefusion.server.engine.pool import CHUNK_FRAMES, FramePool
 

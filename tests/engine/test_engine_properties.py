@@ -14,6 +14,7 @@ import hypothesis.strategies as st
 from engine_helpers import PAGE, FakeMemory
 from hypothesis import HealthCheck, settings
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+
 from pagefusion.server.engine import FusionConfig, FusionEngine, FusionMode, PageState
 
 # Few distinct page contents, so that duplicates (and zero pages) are common.
