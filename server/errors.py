@@ -22,6 +22,7 @@ from google.protobuf import any_pb2
 from google.protobuf.message import Message
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
+
 from pagefusion.adapters import base as adapters
 from pagefusion.server.engine import errors as engine
 

@@ -7,6 +7,7 @@ from typing import cast
 
 from google.protobuf import field_mask_pb2
 from grpc import aio
+
 from pagefusion.server.engine import FusionConfig, FusionEngine, FusionMode, FusionStats
 from pagefusion.server.errors import failed_precondition, invalid_argument
 from pagefusion.server.inventory import Inventory

@@ -10,6 +10,7 @@ import asyncio
 from typing import cast
 
 from grpc import aio
+
 from pagefusion.server.engine import FusionEngine
 from pagefusion.server.errors import failed_precondition, invalid_argument, unimplemented
 from pagefusion.server.inventory import Inventory

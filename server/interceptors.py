@@ -20,6 +20,7 @@ from typing import Any
 import grpc
 import structlog
 from grpc import aio
+
 from pagefusion.server.errors import current_resource, to_status
 
 log = structlog.get_logger("pagefusion.server.rpc")

@@ -18,6 +18,7 @@ from typing import Any
 
 from google.protobuf import empty_pb2, field_mask_pb2
 from grpc import aio
+
 from pagefusion.adapters.base import Adapter, AdapterContext
 from pagefusion.adapters.registry import open_source
 from pagefusion.server.engine import FusionEngine

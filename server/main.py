@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import structlog
+
 from pagefusion.server.app import PagefusionServer, Settings
 from pagefusion.server.logs import configure_logging
 

@@ -21,6 +21,7 @@ from google.protobuf.message import Message
 from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2_grpc
 from grpc_status import rpc_status
+
 from pagefusion.adapters.base import (
     PAGE_SIZE,
     Adapter,

@@ -6,6 +6,7 @@ import grpc
 import numpy as np
 import pytest
 from google.protobuf import field_mask_pb2
+
 from pagefusion.adapters.memory import InMemoryGuestMemory, register_image, unregister_image
 from pagefusion.v1 import fusion_pb2 as pb
 from pagefusion.v1 import machine_pb2

@@ -6,6 +6,7 @@ import grpc
 import numpy as np
 import pytest
 from google.rpc import error_details_pb2
+
 from pagefusion.adapters.memory import InMemoryGuestMemory, register_image, unregister_image
 from pagefusion.v1 import guest_memory_pb2 as pb
 

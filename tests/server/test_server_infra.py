@@ -10,6 +10,7 @@ from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase,
 )
+
 from pagefusion.v1 import machine_pb2
 from pagefusion.v1 import performance_pb2 as perf
 

@@ -8,6 +8,7 @@ import grpc
 import pytest
 from google.protobuf import field_mask_pb2
 from google.rpc import error_details_pb2
+
 from pagefusion.v1 import machine_pb2 as pb
 
 Code = grpc.StatusCode

@@ -14,6 +14,7 @@ import grpc
 import pytest
 from google.protobuf import field_mask_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
 from pagefusion.v1 import fusion_pb2, fusion_pb2_grpc, machine_pb2, machine_pb2_grpc
 
 STARTUP = 60.0  # seconds allowed for the process to come up (a guard, not an assertion)
