@@ -600,6 +600,7 @@ def _poll_metrics(
 
 def cmd_metrics_collect(client: Any, args: argparse.Namespace, out: Output) -> int:
     import grpc
+
     from pagefusion.clients import formatting
     from pagefusion.clients.errors import PageFusionError
 

@@ -27,6 +27,7 @@ from typing import Any, TypeVar
 
 import grpc
 from google.protobuf import field_mask_pb2
+
 from pagefusion.clients.errors import PageFusionError
 from pagefusion.clients.resources import machine_id_of, machine_name, parse_source
 from pagefusion.v1 import (

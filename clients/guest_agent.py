@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import grpc
+
 from pagefusion.clients.errors import PageFusionError
 from pagefusion.clients.resources import machine_id_of
 

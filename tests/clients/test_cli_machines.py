@@ -250,3 +250,39 @@ def test_module_entry_point(cli: Cli) -> None:
         timeout=60,
     )
     assert result.returncode == 0, result.stderr
+
+
+def test_startvm_shows_elapsed_time_on_a_terminal(cli: Cli, machine_id: str) -> None:
+    import os
+    import pty
+
+    cli.ok("createvm", "--name", machine_id, "--source", memory_source())
+    controller, terminal = pty.openpty()
+    try:
+        process = subprocess.Popen(
+            [cli.command, "startvm", machine_id],
+            stdin=subprocess.DEVNULL,
+            stdout=terminal,
+            stderr=subprocess.PIPE,
+            env=cli.env(),
+        )
+        os.close(terminal)
+        chunks = []
+        while True:
+            try:
+                chunk = os.read(controller, 4096)
+            except OSError:  # EIO: the terminal closed
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+        assert process.wait(timeout=60) == 0
+    finally:
+        os.close(controller)
+    shown = b"".join(chunks).decode()
+    # the waiting line is redrawn in place (\r) with the elapsed seconds, then the result
+    assert f'\rWaiting for VM "{machine_id}" to power on...' in shown
+    assert "s" in shown.split("power on...")[-1]
+    assert shown.rstrip().endswith(f'VM "{machine_id}" has been successfully started.')
+    cli.ok("controlvm", machine_id, "poweroff")
+    cli.ok("unregistervm", machine_id)
