@@ -355,7 +355,9 @@ class SyntheticWindowsMemory(GuestMemory):
         self.seed = seed
         self.aslr = profile.aslr if aslr is None else aslr
         total_pages = size // PAGE_SIZE
-        rng = np.random.default_rng(_key("layout", profile.name, size, seed))
+        # Everything private to the machine is keyed by all three inputs.
+        machine = (profile.name, size, seed)
+        rng = np.random.default_rng(_key("layout", *machine))
         arch = profile.arch
 
         # How much is in use: the profile's working set, scaled down for
@@ -369,7 +371,9 @@ class SyntheticWindowsMemory(GuestMemory):
         specs: list[ModuleSpec] = []
         image_pages = 0
         for spec in profile.modules:  # kernel first: small machines keep the core
-            if image_pages + spec.size // PAGE_SIZE > used_pages // 2:
+            # Images take at most half of what is in use, but the kernel always loads.
+            limit = used_pages // 2 if specs else max(used_pages // 2, total_pages // 2)
+            if image_pages + spec.size // PAGE_SIZE > limit:
                 continue
             specs.append(spec)
             image_pages += spec.size // PAGE_SIZE
@@ -384,14 +388,14 @@ class SyntheticWindowsMemory(GuestMemory):
                     clean = s.pages - s.pages // 2
                     chunks.add(kind, key, s.first, clean, m)
                     if s.pages - clean:
-                        chunks.add(PRIVATE, _key("data", seed, spec.name), 0, s.pages - clean)
+                        chunks.add(PRIVATE, _key("data", *machine, spec.name), 0, s.pages - clean)
                 else:
                     chunks.add(kind, key, s.first, s.pages, m)
             self._modules.append(
                 _Module(spec, base, _fixups(spec, arch, profile.fixup_pages), sections)
             )
 
-        rest = used_pages - image_pages
+        rest = max(0, used_pages - image_pages)
         cache_budget = int(rest * profile.cache_share)
         cached = 0
         order = rng.permutation(len(profile.cache_files))
@@ -408,10 +412,10 @@ class SyntheticWindowsMemory(GuestMemory):
         duplicate = int(rest * profile.dup_share)
         ff = int(rest * profile.ff_share)
         private = max(0, rest - cached - compressed - duplicate - ff)
-        chunks.add_split(COMPRESSED, _key("compressed", seed), compressed, rng, 32)
-        chunks.add_split(DUPLICATE, _key("duplicate", seed), duplicate, rng, 8)
+        chunks.add_split(COMPRESSED, _key("compressed", *machine), compressed, rng, 32)
+        chunks.add_split(DUPLICATE, _key("duplicate", *machine), duplicate, rng, 8)
         chunks.add_split(FF, 0, ff, rng, 4)
-        chunks.add_split(PRIVATE, _key("private", seed), private, rng, 64)
+        chunks.add_split(PRIVATE, _key("private", *machine), private, rng, 64)
 
         # Scatter the chunks over guest-physical memory with zeroed gaps between.
         n = len(chunks.kind)
