@@ -10,7 +10,10 @@ import json
 import signal
 import time
 
-from clients_support import Fake, module
+import pytest
+from clients_support import Cli, Fake, module
+
+from pagefusion.clients.testing import run_server
 
 
 def test_once_registers_modules_and_checks(fake: Fake) -> None:
@@ -110,3 +113,40 @@ def test_unreachable_server_once(fake: Fake) -> None:
     cli = fake.cli()
     cli.address = "127.0.0.1:1"
     assert "UNAVAILABLE" in cli.fails("guest-agent", "w10", "--once")
+
+
+def test_agent_fuses_module_pages_on_a_real_server() -> None:
+    """Hints mode (VirtualBox's behaviour): only the agent's modules fuse."""
+    with run_server() as server:
+        cli = Cli(server.address)
+        cli.ok("fusion", "config", "--mode", "hints")
+        for n in (1, 2):
+            cli.ok(
+                "createvm",
+                "--name",
+                f"w{n}",
+                "--ostype",
+                "Windows10_64",
+                "--memory",
+                "128",
+                "--source",
+                f"synthetic-windows:seed={n}",
+                "--page-fusion",
+                "on",
+            )
+            cli.ok("startvm", f"w{n}")
+        saved_before = int(json.loads(cli.ok("--json", "fusion", "stats"))["host"]["pages_saved"])
+        first = cli("--json", "guest-agent", "w1", "--once")
+        if "UNIMPLEMENTED" in first.stderr:
+            pytest.skip("the server does not serve the hint path yet")
+        assert first.returncode == 0, first.stderr
+        report = json.loads(first.stdout)
+        assert report["enabled"] is True and report["modules"] > 0
+        assert len(report["registered"]) == report["modules"]
+        second = json.loads(cli.ok("--json", "guest-agent", "w2", "--once"))
+        assert second["pages_fused"] > 0
+        saved_after = int(json.loads(cli.ok("--json", "fusion", "stats"))["host"]["pages_saved"])
+        assert saved_after > saved_before
+        # a second cycle registers nothing new and unregisters nothing
+        again = json.loads(cli.ok("--json", "guest-agent", "w2", "--once"))
+        assert again["unregistered"] == []
