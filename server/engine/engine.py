@@ -275,6 +275,8 @@ class FusionEngine:
             for r, offset in zip(ranges, machine.offsets, strict=True):
                 for first in range(0, r.pages, BATCH_PAGES):
                     n = min(BATCH_PAGES, r.pages - first)
+                    with self._lock:
+                        self._pool.prefault(2 * n)
                     data = self._read_source(machine, r.address + first * PAGE_SIZE, n)
                     with self._lock:
                         self._ingest(machine, offset + first, data)
@@ -595,13 +597,26 @@ class FusionEngine:
         """
         with self._lock:
             machine = self._running(machine_id)
+            lo = address % PAGE_SIZE
+            if 0 < len(data) <= PAGE_SIZE - lo and address >= 0:
+                # The common case, one page: no numpy on the way (copy on write p50).
+                page = machine.index_of(address)
+                if page >= 0:
+                    if machine.live:
+                        self._write_through(machine, address, data)
+                    return self._write_page(machine, page, lo, data)
             pages = machine.span(address, len(data))
             if not data:
                 return 0
-            if machine.live and hasattr(machine.memory, "write"):
-                with contextlib.suppress(NotImplementedError):
-                    machine.memory.write(address, bytes(data))
+            if machine.live:
+                self._write_through(machine, address, data)
             return self._write_pages(machine, pages, address, memoryview(data))
+
+    @staticmethod
+    def _write_through(machine: _Machine, address: int, data: bytes) -> None:
+        """Live sources are the guest's own memory: writes go there too."""
+        with contextlib.suppress(NotImplementedError):
+            machine.memory.write(address, bytes(data))
 
     def _write_pages(
         self, machine: _Machine, pages: np.ndarray, address: int, data: memoryview
@@ -616,12 +631,12 @@ class FusionEngine:
             lo = 0
         return copied
 
-    def _write_page(self, machine: _Machine, page: int, lo: int, chunk: memoryview) -> int:
+    def _write_page(self, machine: _Machine, page: int, lo: int, chunk: memoryview | bytes) -> int:
         """Apply a write inside one guest page; 1 if it broke sharing."""
         pool = self._pool
         arena = self._arena
         frame = int(machine.map[page])
-        zeros = bytes(chunk).count(0) == len(chunk)
+        zeros = (chunk if isinstance(chunk, bytes) else bytes(chunk)).count(0) == len(chunk)
         if frame == 0:
             if zeros:
                 return 0

@@ -18,8 +18,12 @@ leave the stack and the chunk waits on a list until it is needed again.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import mmap
 import os
+import queue
+import threading
+from collections.abc import Callable
 
 import numpy as np
 
@@ -92,15 +96,24 @@ class FramePool:
         self.max_frames = max_frames
         chunks = -(-(max_frames + 1) // CHUNK_FRAMES)
         self._reserved_frames = chunks * CHUNK_FRAMES
+        chunk_bytes = CHUNK_FRAMES * PAGE_SIZE
+        # One spare chunk so the arena can start on a 2 MiB boundary, where
+        # the kernel can back it with huge pages.
         self._mm = mmap.mmap(
             -1,
-            self._reserved_frames * PAGE_SIZE,
+            (self._reserved_frames + CHUNK_FRAMES) * PAGE_SIZE,
             flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_NORESERVE,
         )
+        raw = np.frombuffer(self._mm, dtype=np.uint8)
+        self._offset = -raw.ctypes.data % chunk_bytes
         # Huge pages halve first-touch cost where the kernel allows them.
         with contextlib.suppress(AttributeError, OSError):
             self._mm.madvise(mmap.MADV_HUGEPAGE)
-        self.frames = np.frombuffer(self._mm, dtype=np.uint8).reshape(-1, PAGE_SIZE)
+        self.frames = raw[self._offset : self._offset + self._reserved_frames * PAGE_SIZE].reshape(
+            -1, PAGE_SIZE
+        )
+        self._prefaulter = _Prefaulter.start(self.frames.ctypes.data)
+        self._populated = 1  # frames below this are populated or handed out
         self.words = self.frames.view(np.uint64)
         self.refcount = np.zeros(CHUNK_FRAMES, dtype=np.uint16)
         self.indexed = FrameBits(CHUNK_FRAMES)
@@ -240,7 +253,7 @@ class FramePool:
     def _drain(self, chunks: np.ndarray) -> None:
         """Give fully free chunks back to the operating system."""
         for chunk in chunks.tolist():
-            start = chunk * CHUNK_FRAMES * PAGE_SIZE
+            start = self._offset + chunk * CHUNK_FRAMES * PAGE_SIZE
             try:
                 self._mm.madvise(mmap.MADV_DONTNEED, start, CHUNK_FRAMES * PAGE_SIZE)
             except OSError:  # pragma: no cover - the kernel refused; keep it held
@@ -266,6 +279,75 @@ class FramePool:
         self.indexed.grow(cap)
         self.hinted.grow(cap)
 
+    # -- first touch ----------------------------------------------------------
+
+    def prefault(self, frames: int) -> None:
+        """Have the next ``frames`` never-used frames populated in the background.
+
+        First touch of fresh anonymous memory costs the kernel more than
+        hashing costs us; a helper thread asks for it ahead of time
+        (MADV_POPULATE_WRITE, without the GIL) while ingest hashes, so the
+        copy into new frames finds them resident. At most ``frames`` frames
+        beyond the high-water mark are populated and not yet used.
+        """
+        if self._prefaulter is None:
+            return
+        start = max(self._populated, self._hwm)
+        end = min(self._hwm + frames, self._reserved_frames)
+        start = start // CHUNK_FRAMES * CHUNK_FRAMES
+        end = -(-end // CHUNK_FRAMES) * CHUNK_FRAMES
+        if end - start >= CHUNK_FRAMES:
+            self._prefaulter.submit(start * PAGE_SIZE, (end - start) * PAGE_SIZE)
+            self._populated = end
+
     def close(self) -> None:
+        if self._prefaulter is not None:
+            self._prefaulter.stop()
         del self.frames, self.words
         self._mm.close()
+
+
+class _Prefaulter:
+    """A daemon thread that populates arena spans with MADV_POPULATE_WRITE."""
+
+    MADV_POPULATE_WRITE = 23  # Linux 5.14+
+
+    def __init__(self, base: int, madvise: Callable[..., int]) -> None:
+        self._base = base
+        self._madvise = madvise
+        self._queue: queue.SimpleQueue[tuple[int, int] | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="pagefusion-prefault", daemon=True)
+        self._thread.start()
+
+    @classmethod
+    def start(cls, base: int) -> _Prefaulter | None:
+        """A prefaulter for the arena at ``base``, or None where the kernel lacks support."""
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            madvise = libc.madvise
+            madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+            madvise.restype = ctypes.c_int
+            # Probe with an empty span: EINVAL means the advice is unknown.
+            if madvise(base, 0, cls.MADV_POPULATE_WRITE) != 0:
+                return None
+        except (OSError, AttributeError):
+            return None
+        return cls(base, madvise)
+
+    def submit(self, offset: int, length: int) -> None:
+        self._queue.put((offset, length))
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            offset, length = item
+            # ctypes releases the GIL for the call: the kernel works on the
+            # other core while ingest hashes. Failure (ENOMEM) is harmless:
+            # the copy will fault the pages in itself.
+            self._madvise(self._base + offset, length, self.MADV_POPULATE_WRITE)
+
+    def stop(self) -> None:
+        self._queue.put(None)
+        self._thread.join(timeout=5)
