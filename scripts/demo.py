@@ -10,6 +10,7 @@ saves.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import time
 
@@ -56,12 +57,10 @@ def main() -> int:
         if fusion:
             # One cycle of the guest agent: register modules, then check.
             for module in client.list_guest_modules(machine_id):
-                try:
+                with contextlib.suppress(PageFusionError):  # registered by an earlier run
                     client.register_shared_module(machine_id, module)
-                except PageFusionError:
-                    pass  # already registered on an earlier run
-            checked, fused = client.check_shared_modules(machine_id)
-            hinted = f", hint path: {fused} of {checked} module pages fused"
+            check = client.check_shared_modules(machine_id)
+            hinted = f", hint path: {check.pages_fused} of {check.pages_checked} module pages fused"
         print(
             f"  started {machine_id:<15} {profile:<13} {mib} MiB in {took:.2f} s"
             f" (page fusion {'on' if fusion else 'off'}{hinted})"
