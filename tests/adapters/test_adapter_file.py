@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
 from pagefusion.adapters.base import (
     PAGE_SIZE,
     AdapterContext,

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import structlog
+
 from pagefusion.adapters import registry
 from pagefusion.adapters.base import (
     Adapter,
@@ -28,7 +29,7 @@ CTX = AdapterContext(machine_id="vm1")
 
 def test_builtins_are_found() -> None:
     adapters = registry.load_adapters()
-    assert {"memory"} <= set(adapters)
+    assert {"memory", "file", "shm", "synthetic-windows"} <= set(adapters)
     assert isinstance(adapters["memory"], MemoryAdapter)
 
 
@@ -59,7 +60,7 @@ def test_unknown_adapter_names_known_ones() -> None:
     with pytest.raises(InvalidOptionError) as err:
         registry.open_source("nope", {}, CTX)
     assert err.value.option == "adapter"
-    assert "memory" in str(err.value)
+    assert "memory" in str(err.value) and "synthetic-windows" in str(err.value)
 
 
 def test_unknown_option_is_named() -> None:

@@ -221,7 +221,8 @@ def test_options() -> None:
         ({"profile": "WindowsXP", "seed": "abc"}, AdapterContext("vm1"), "seed"),
         ({"profile": "WindowsXP", "seed": "-1"}, AdapterContext("vm1"), "seed"),
         ({"profile": "WindowsXP", "aslr": "perhaps"}, AdapterContext("vm1"), "aslr"),
-        ({"profile": "WindowsXP"}, AdapterContext("v", memory_size_bytes=4097), "memory_size_bytes"),
+        ({"profile": "WindowsXP"}, AdapterContext("v", memory_size_bytes=4097),
+         "memory_size_bytes"),
     ]:
         with pytest.raises(InvalidOptionError) as err:
             adapter.open(options, ctx)
