@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from typing import IO, cast
 
 from elftools.elf.elffile import ELFFile
+
 from pagefusion.adapters.base import (
     PAGE_SIZE,
     Adapter,

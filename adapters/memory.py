@@ -18,6 +18,7 @@ import threading
 from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
+
 from pagefusion.adapters.base import (
     PAGE_SIZE,
     Adapter,

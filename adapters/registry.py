@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from importlib.metadata import EntryPoint, entry_points
 
 import structlog
+
 from pagefusion.adapters.base import (
     Adapter,
     AdapterContext,
