@@ -180,6 +180,15 @@ def _metrics_filter(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("pagefusion")
+    except PackageNotFoundError:
+        return "unknown"
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The whole command line (exposed for tests and documentation)."""
     common = _Parser(add_help=False)
@@ -191,6 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _global_options(parser, suppress=False)
+    parser.add_argument("--version", action="version", version=f"{PROG} {_version()}")
     verbs = parser.add_subparsers(dest="verb", metavar="VERB", parser_class=_Parser)
     verbs.required = True
 
@@ -232,7 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--machinereadable", action="store_true", help='key="value" lines')
     p.add_argument("--details", action="store_true", help=argparse.SUPPRESS)
 
-    p = verb("fusion", "fusion statistics, scans and configuration", cmd_fusion_help)
+    p = verb("fusion", "fusion statistics, scans and configuration", _missing_subcommand)
     fusion = p.add_subparsers(dest="fusion_verb", metavar="stats|scan|config", parser_class=_Parser)
     fusion.required = True
     sub = fusion.add_parser("stats", parents=[common], help="host-wide and per-machine accounting")
@@ -247,7 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--stable-scans", type=_non_negative, metavar="N")
     sub.set_defaults(handler=cmd_fusion_config)
 
-    p = verb("metrics", "VirtualBox's performance metrics", cmd_fusion_help)
+    p = verb("metrics", "VirtualBox's performance metrics", _missing_subcommand)
     metrics = p.add_subparsers(
         dest="metrics_verb", metavar="list|setup|query|enable|disable|collect", parser_class=_Parser
     )
@@ -481,7 +491,7 @@ def cmd_showvminfo(client: Any, args: argparse.Namespace, out: Output) -> int:
 # -- verbs: fusion ------------------------------------------------------------------
 
 
-def cmd_fusion_help(client: Any, args: argparse.Namespace, out: Output) -> int:
+def _missing_subcommand(client: Any, args: argparse.Namespace, out: Output) -> int:
     raise UsageError(f"{args.verb}: missing sub-command")  # pragma: no cover (required=True)
 
 
@@ -730,6 +740,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as exc:
         _error_line(str(exc))
         return EXIT_USAGE
+    except Exception as exc:  # a bug here; still one line, never a traceback
+        _error_line(f"internal error: {type(exc).__name__}: {exc}")
+        return EXIT_FAILURE
 
 
 if __name__ == "__main__":

@@ -148,18 +148,21 @@ class GuestAgent:
         current = {module_key(m): m for m in modules}
         self._unregister(report, [k for k in self.registered if k not in current])
         for key, module in current.items():
-            if key in self.registered:
-                continue
+            # Modules this agent registered before are registered again: if the
+            # machine was stopped and started meanwhile, the server forgot them
+            # (its answer for a known module is "already registered").
             try:
                 self.client.register_shared_module(self.name, module)
             except PageFusionError as error:
                 if error.code != grpc.StatusCode.ALREADY_EXISTS:
+                    self.registered.pop(key, None)
                     report.errors.append(
                         f"register {_label(module)}: {error.code.name}: {error.message}"
                     )
                     continue
-            self.registered[key] = module
-            report.registered.append(_label(module))
+            if key not in self.registered:
+                self.registered[key] = module
+                report.registered.append(_label(module))
         result = self.client.check_shared_modules(self.name)
         report.pages_checked = int(result.pages_checked)
         report.pages_fused = int(result.pages_fused)

@@ -90,8 +90,24 @@ def test_loop_unregisters_gone_modules_and_stops_on_sigterm(fake: Fake) -> None:
     assert err == ""
     assert "unregistered 1" in out
     assert list(guest.registered) == [("ntdll.dll", "10.0.1", 0x1000, 0x4000)]
-    # each later cycle registers nothing new
-    assert guest.calls.count("RegisterSharedModule ntdll.dll") == 1
+    # later cycles register nothing new (the server answers "already registered")
+    assert out and all(", registered 0, " in line for line in out.splitlines())
+
+
+def test_loop_registers_again_after_the_server_forgot(fake: Fake) -> None:
+    guest = fake.guest_memory
+    guest.modules = [module("ntdll.dll", 0x1000)]
+    process = fake.cli().popen("--json", "guest-agent", "w10", "--interval", "0.2")
+    assert process.stdout is not None
+    assert json.loads(process.stdout.readline())["registered"] == ["ntdll.dll 10.0.1@0x1000"]
+    guest.registered.clear()  # the machine was stopped and started: records gone
+    deadline = time.monotonic() + 20
+    while not guest.registered:
+        assert time.monotonic() < deadline, guest.calls
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=20)
+    assert process.returncode == 0, err
 
 
 def test_loop_survives_errors(fake: Fake) -> None:
