@@ -151,9 +151,13 @@ class ShmGuestMemory(GuestMemory):
         return out
 
     def write(self, address: int, data: bytes) -> None:
-        """Write through to the segment (option ``writable=true``)."""
+        """Write through to the segment (option ``writable=true``).
+
+        Raises:
+            NotImplementedError: opened read-only (the interface's "optional").
+        """
         if not self._writable:
-            raise SourceError(f"{self.path}: opened read-only (set option writable=true)")
+            raise NotImplementedError(f"{self.path}: opened read-only (option writable=true)")
         start = address - address % PAGE_SIZE
         span = page_round_up(address + len(data)) - start
         offset = self._offset(start, span) + address - start
