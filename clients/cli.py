@@ -734,8 +734,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         _error_line("interrupted")
         return EXIT_INTERRUPTED
     except BrokenPipeError:
-        # stdout closed early (e.g. `| head`); not worth a message
-        sys.stderr.close()
+        # stdout closed early (e.g. `| head`): not worth a message; point stdout
+        # at /dev/null so the interpreter's final flush does not complain either
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
         return EXIT_FAILURE
     except ValueError as exc:
         _error_line(str(exc))

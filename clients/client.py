@@ -29,7 +29,12 @@ import grpc
 from google.protobuf import field_mask_pb2
 
 from pagefusion.clients.errors import PageFusionError
-from pagefusion.clients.resources import machine_id_of, machine_name, parse_source
+from pagefusion.clients.resources import (
+    machine_id_of,
+    machine_name,
+    parse_machine_name,
+    parse_source,
+)
 from pagefusion.v1 import (
     fusion_pb2,
     fusion_pb2_grpc,
@@ -41,7 +46,14 @@ from pagefusion.v1 import (
     performance_pb2_grpc,
 )
 
-__all__ = ["DEFAULT_TARGET", "MAX_TRANSFER_BYTES", "PageFusionClient", "PageFusionError"]
+__all__ = [
+    "DEFAULT_TARGET",
+    "MAX_TRANSFER_BYTES",
+    "PageFusionClient",
+    "PageFusionError",
+    "machine_name",
+    "parse_machine_name",
+]
 
 DEFAULT_TARGET = "127.0.0.1:50051"
 #: Largest ``length`` of one ReadGuestMemory call and ``data`` of one
