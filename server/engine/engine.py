@@ -94,6 +94,7 @@ from pagefusion.server.engine.types import (
 BATCH_PAGES = 16384
 _ZERO_PAGE = bytes(PAGE_SIZE)
 _STABLE_MAX = 255
+_BINCOUNT_ABOVE = 65536
 
 
 class _Machine:
@@ -548,7 +549,11 @@ class FusionEngine:
         if not len(frames):
             return
         pool = self._pool
-        if len(frames) > 1:
+        if len(frames) > _BINCOUNT_ABOVE:  # a machine stopping: counting beats sorting
+            counts = np.bincount(frames, minlength=0)
+            uniq = np.flatnonzero(counts).astype(np.uint32)
+            counts = counts[uniq]
+        elif len(frames) > 1:
             uniq, counts = np.unique(frames, return_counts=True)
         else:
             uniq, counts = frames, np.ones(1, dtype=np.int64)

@@ -295,3 +295,17 @@ def test_concurrent_writers_and_stats_readers_see_whole_operations():
         t.join()
     assert not errors
     assert_identity(e)
+
+
+def test_stopping_a_large_machine_counts_instead_of_sorting(monkeypatch):
+    from pagefusion.server.engine import engine as engine_module
+
+    monkeypatch.setattr(engine_module, "_BINCOUNT_ABOVE", 4)
+    e = engine()
+    mem = image(*[page(i % 3 + 1) for i in range(12)], page(0))
+    e.start_machine("a", FakeMemory([(0, mem)]), page_fusion=True)
+    e.start_machine("b", FakeMemory([(0, mem)]), page_fusion=True)
+    e.stop_machine("a")
+    h = e.stats().host
+    assert (h.guest_pages, h.zero_pages, h.frames_used, h.pages_saved) == (13, 1, 3, 9)
+    assert e.read("b", 0, len(mem)) == bytes(mem)

@@ -8,14 +8,24 @@ from the model alone.
 
 from __future__ import annotations
 
+import contextlib
 from collections import Counter
 
 import hypothesis.strategies as st
+import pytest
 from engine_helpers import PAGE, FakeMemory
 from hypothesis import HealthCheck, settings
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from pagefusion.server.engine import FusionConfig, FusionEngine, FusionMode, PageState
+from pagefusion.adapters.base import GuestModule, ModuleRegion
+from pagefusion.server.engine import (
+    AlreadyExistsError,
+    FailedPreconditionError,
+    FusionConfig,
+    FusionEngine,
+    FusionMode,
+    PageState,
+)
 
 # Few distinct page contents, so that duplicates (and zero pages) are common.
 PATTERNS = [bytes(PAGE)] + [bytes([i]) * (PAGE - 1) + bytes([i * 3 % 256]) for i in range(1, 5)]
@@ -30,6 +40,10 @@ class EngineModel(RuleBasedStateMachine):
         self.mode = FusionMode.ALL
         # name -> (fusion, domain, {address: bytearray page})
         self.machines: dict[str, tuple[bool, str, dict[int, bytearray]]] = {}
+        # Hint-path sharing is by position, not content: a content scan need
+        # not merge its frames with equal ones elsewhere, so maximal fusion is
+        # only asserted while no module was checked.
+        self.hinted = False
 
     # -- operations ----------------------------------------------------------
 
@@ -112,7 +126,7 @@ class EngineModel(RuleBasedStateMachine):
     @rule()
     def scan(self):
         self.engine.scan()
-        if self.mode.content:
+        if self.mode.content and not self.hinted:
             self.assert_fully_fused()
 
     # -- checks ---------------------------------------------------------------
@@ -189,6 +203,44 @@ class EngineModel(RuleBasedStateMachine):
 TestEngineModel = EngineModel.TestCase
 TestEngineModel.settings = settings(
     max_examples=150,
+    stateful_step_count=30,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+
+
+class HintedEngineModel(EngineModel):
+    """The same model, with guest agents registering modules and checking them."""
+
+    @precondition(lambda self: self.machines)
+    @rule(data=st.data(), first=st.integers(0, 8), pages=st.integers(1, 4), base=st.integers(1, 3))
+    def register_and_check(self, data, first, pages, base):
+        name = data.draw(st.sampled_from(sorted(self.machines)))
+        fusion, _, mapped = self.machines[name]
+        if any(a not in mapped for a in range(first * PAGE, (first + pages) * PAGE, PAGE)):
+            return
+        module = GuestModule(
+            "kernel32.dll",
+            "6.1",
+            base << 20,
+            pages * PAGE,
+            "Windows7_64",
+            (ModuleRegion(first * PAGE, pages * PAGE),),
+        )
+        if not fusion:
+            with pytest.raises(FailedPreconditionError):
+                self.engine.register_module(name, module)
+            return
+        with contextlib.suppress(AlreadyExistsError, FailedPreconditionError):
+            self.engine.register_module(name, module)
+        checked, fused = self.engine.check_shared_modules(name)
+        assert fused <= checked
+        self.hinted = self.hinted or fused > 0
+
+
+TestHintedEngineModel = HintedEngineModel.TestCase
+TestHintedEngineModel.settings = settings(
+    max_examples=100,
     stateful_step_count=30,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
