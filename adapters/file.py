@@ -4,7 +4,10 @@ Two formats, told apart by the ELF magic:
 
 * Raw images (VMware .vmem, ``dd`` of a memory device, QEMU's ``pmemsave``):
   one range from address 0. A tail that is not a whole page reads back
-  zero padded.
+  zero padded. Anything without the ELF magic is raw, except files that
+  start with the signature of a known other format (kdump-compressed,
+  Windows crash dumps and hibernation files, LiME, VMware suspend state,
+  gzip/xz/zstd/bzip2), which are refused by name.
 * ELF64 core files as ``virsh dump --memory-only``, QEMU's
   ``dump-guest-memory`` and VirtualBox's ``debugvm dumpvmcore`` write them:
   each PT_LOAD segment is guest-physical memory at ``p_paddr``. QEMU puts the
@@ -72,6 +75,29 @@ class Segment:
     @property
     def end(self) -> int:
         return self.paddr + self.memsz
+
+
+# Files users hold that are memory dumps but not raw images: refuse them by
+# name rather than fuse their headers and compressed pages as guest memory.
+_NOT_RAW = (
+    (b"KDUMP   ", "a kdump-compressed dump (virsh dump --format kdump-*); write ELF instead"),
+    (b"makedumpfile", "a makedumpfile flattened dump; write ELF instead"),
+    (b"PAGEDU64", "a Windows crash dump (.dmp)"),
+    (b"PAGEDUMP", "a Windows crash dump (.dmp)"),
+    (b"hibr", "a Windows hibernation file"),
+    (b"HIBR", "a Windows hibernation file"),
+    (b"wake", "a Windows hibernation file"),
+    (b"EMiL", "a LiME dump"),
+    (b"QEVM", "a QEMU savevm/migration stream"),
+    (b"\xd2\xbe\xd2\xbe", "a VMware suspend state (.vmss/.vmsn)"),
+    (b"\xd0\xbe\xd2\xbe", "a VMware suspend state (.vmss/.vmsn)"),
+    (b"\xd1\xba\xd1\xba", "a VMware suspend state (.vmss/.vmsn)"),
+    (b"\xd3\xbe\xd3\xbe", "a VMware suspend state (.vmss/.vmsn)"),
+    (b"\x1f\x8b", "gzip-compressed; decompress it first"),
+    (b"\xfd7zXZ\x00", "xz-compressed; decompress it first"),
+    (b"\x28\xb5\x2f\xfd", "zstd-compressed; decompress it first"),
+    (b"BZh", "bzip2-compressed; decompress it first"),
+)
 
 
 def _fail(path: str, message: str) -> InvalidSourceError:
@@ -220,6 +246,10 @@ class FileGuestMemory(GuestMemory):
                 segments = parse_core(self._map, path)
             else:
                 self.format = "raw"
+                head = bytes(self._map[:16])
+                for magic, what in _NOT_RAW:
+                    if head.startswith(magic):
+                        raise _fail(path, f"not a raw memory image or ELF core: {what}")
                 if self._size > MAX_TOTAL_BYTES:
                     raise _fail(path, "raw image larger than 1 TiB")
                 segments = [Segment(0, 0, self._size, self._size)]

@@ -175,6 +175,14 @@ def _hostile(tmp_path: Path, kind: str) -> Path:
         write_elf_core(p, [])
     elif kind == "garbage":
         p.write_bytes(b"\x7fELF" + _rand(5000, 13))
+    elif kind == "kdump":
+        p.write_bytes(b"KDUMP   " + bytes(8184))
+    elif kind == "windows-dmp":
+        p.write_bytes(b"PAGEDU64" + bytes(8184))
+    elif kind == "gzip":
+        import gzip
+
+        p.write_bytes(gzip.compress(bytes(8192)))
     elif kind == "xnum-no-section":
         raw = bytearray(good)
         raw[56:58] = struct.pack("<H", 0xFFFF)  # e_phnum = PN_XNUM, no section header
@@ -202,6 +210,9 @@ HOSTILE = {
     "no-load": "no PT_LOAD",
     "garbage": "ELF",
     "xnum-no-section": "PN_XNUM",
+    "kdump": "kdump-compressed",
+    "windows-dmp": "Windows crash dump",
+    "gzip": "gzip-compressed",
 }
 
 
