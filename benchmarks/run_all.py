@@ -1,6 +1,6 @@
 """The benchmark harness of issue 7: one command writes benchmarks/REPORT.md and its plots.
 
-    python benchmarks/run_all.py            # the full run (~10 minutes, KSM needs root)
+    python benchmarks/run_all.py            # the full run (~5 minutes, KSM needs root)
     python benchmarks/run_all.py --quick    # small sizes, seconds (the CI smoke run)
 
 Every figure is measured against its baseline in the same run:
@@ -485,7 +485,7 @@ def main(argv: list[str] | None = None) -> int:
         else "full run"
     head = [
         "# pagefusion benchmark report\n",
-        f"Regenerate with **`{COMMAND}`** from the repository root (about 10 minutes; the KSM "
+        f"Regenerate with **`{COMMAND}`** from the repository root (about 5 minutes; the KSM "
         f"rows need root, and leave KSM stopped with its original settings), or "
         f"`{COMMAND} --quick` for a small smoke run. Plots need "
         "`pip install -r benchmarks/requirements.txt` (matplotlib).\n",
