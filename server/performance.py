@@ -292,6 +292,14 @@ def _aggregate(kind: str, values: Sequence[int]) -> tuple[int, ...]:
     return (min(values),) if kind == "min" else (max(values),)
 
 
+def check_setup(period: int, count: int) -> None:
+    """INVALID_ARGUMENT unless period and count are within bounds."""
+    if not 0 <= period <= MAX_PERIOD:
+        raise invalid_argument("period_seconds", f"must be between 0 and {MAX_PERIOD}")
+    if not 0 <= count <= MAX_COUNT:
+        raise invalid_argument("sample_count", f"must be between 0 and {MAX_COUNT}")
+
+
 # -- the collector ------------------------------------------------------------
 
 
@@ -499,7 +507,9 @@ class MetricsCollector:
 
     def list_metrics(self, metric_names: Sequence[str], objects: Sequence[str]) -> list[MetricInfo]:
         """ListMetrics: base metrics and their aggregates, with range and settings."""
-        f = self.filter(metric_names, objects)
+        return self.list_filter(self.filter(metric_names, objects))
+
+    def list_filter(self, f: MetricFilter) -> list[MetricInfo]:
         self.sync()
         stats = self._stats()
         machines = {m.machine_id: m for m in stats.machines}
@@ -548,18 +558,20 @@ class MetricsCollector:
         self, metric_names: Sequence[str], objects: Sequence[str], period: int, count: int
     ) -> list[MetricInfo]:
         """SetupMetrics: new period and buffer size; discards samples; 0 stops collection."""
-        if not 0 <= period <= MAX_PERIOD:
-            raise invalid_argument("period_seconds", f"must be between 0 and {MAX_PERIOD}")
-        if not 0 <= count <= MAX_COUNT:
-            raise invalid_argument("sample_count", f"must be between 0 and {MAX_COUNT}")
-        f = self.filter(metric_names, objects, base=True)
+        check_setup(period, count)
+        return self.setup_filter(self.filter(metric_names, objects, base=True), period, count)
+
+    def setup_filter(self, f: MetricFilter, period: int, count: int) -> list[MetricInfo]:
+        check_setup(period, count)
         return self._apply(_Rule(f, "setup", period, count))
 
     def enable(
         self, metric_names: Sequence[str], objects: Sequence[str], on: bool = True
     ) -> list[MetricInfo]:
         """EnableMetrics (``on``) or DisableMetrics: resume or pause; keeps samples."""
-        f = self.filter(metric_names, objects, base=True)
+        return self.enable_filter(self.filter(metric_names, objects, base=True), on)
+
+    def enable_filter(self, f: MetricFilter, on: bool) -> list[MetricInfo]:
         return self._apply(_Rule(f, "enable" if on else "disable"))
 
     def query(self, metric_names: Sequence[str], objects: Sequence[str]) -> list[MetricValues]:
@@ -653,7 +665,8 @@ def _query_pb(data: Iterable[MetricValues]) -> pb.QueryMetricsResponse:
 class PerformanceServicer(performance_pb2_grpc.PerformanceServiceServicer):
     """PerformanceService over a :class:`MetricsCollector` (which a :class:`Sampler` feeds).
 
-    Collector calls run in worker threads: they take the engine's lock.
+    Requests are parsed on the event loop (the inventory lives there); the
+    collector's work runs in worker threads, because it takes the engine's lock.
     """
 
     def __init__(self, collector: MetricsCollector) -> None:
@@ -662,42 +675,39 @@ class PerformanceServicer(performance_pb2_grpc.PerformanceServiceServicer):
     async def ListMetrics(
         self, request: pb.ListMetricsRequest, context: aio.ServicerContext
     ) -> pb.ListMetricsResponse:
-        metrics = await asyncio.to_thread(
-            self._collector.list_metrics, list(request.metric_names), list(request.objects)
-        )
+        f = self._collector.filter(request.metric_names, request.objects)
+        metrics = await asyncio.to_thread(self._collector.list_filter, f)
         return pb.ListMetricsResponse(metrics=[_metric_pb(m) for m in metrics])
 
     async def SetupMetrics(
         self, request: pb.SetupMetricsRequest, context: aio.ServicerContext
     ) -> pb.SetupMetricsResponse:
+        check_setup(request.period_seconds, request.sample_count)
+        f = self._collector.filter(request.metric_names, request.objects, base=True)
         metrics = await asyncio.to_thread(
-            self._collector.setup, list(request.metric_names), list(request.objects),
-            request.period_seconds, request.sample_count,
+            self._collector.setup_filter, f, request.period_seconds, request.sample_count
         )
         return pb.SetupMetricsResponse(metrics=[_metric_pb(m) for m in metrics])
 
     async def EnableMetrics(
         self, request: pb.EnableMetricsRequest, context: aio.ServicerContext
     ) -> pb.EnableMetricsResponse:
-        metrics = await asyncio.to_thread(
-            self._collector.enable, list(request.metric_names), list(request.objects), True
-        )
+        f = self._collector.filter(request.metric_names, request.objects, base=True)
+        metrics = await asyncio.to_thread(self._collector.enable_filter, f, True)
         return pb.EnableMetricsResponse(metrics=[_metric_pb(m) for m in metrics])
 
     async def DisableMetrics(
         self, request: pb.DisableMetricsRequest, context: aio.ServicerContext
     ) -> pb.DisableMetricsResponse:
-        metrics = await asyncio.to_thread(
-            self._collector.enable, list(request.metric_names), list(request.objects), False
-        )
+        f = self._collector.filter(request.metric_names, request.objects, base=True)
+        metrics = await asyncio.to_thread(self._collector.enable_filter, f, False)
         return pb.DisableMetricsResponse(metrics=[_metric_pb(m) for m in metrics])
 
     async def QueryMetrics(
         self, request: pb.QueryMetricsRequest, context: aio.ServicerContext
     ) -> pb.QueryMetricsResponse:
-        data = await asyncio.to_thread(
-            self._collector.query, list(request.metric_names), list(request.objects)
-        )
+        f = self._collector.filter(request.metric_names, request.objects)
+        data = await asyncio.to_thread(self._collector.query_filter, f)
         return _query_pb(data)
 
     async def WatchMetrics(
@@ -709,9 +719,7 @@ class PerformanceServicer(performance_pb2_grpc.PerformanceServiceServicer):
         shuts down (the collector is closed).
         """
         collector = self._collector
-        f = await asyncio.to_thread(
-            collector.filter, list(request.metric_names), list(request.objects)
-        )
+        f = collector.filter(request.metric_names, request.objects)
         loop = asyncio.get_running_loop()
         wake = asyncio.Event()
 
