@@ -373,6 +373,10 @@ class MetricsCollector:
         with self._lock:
             self._change_listeners.append(listener)
 
+    def remove_change_listener(self, listener: Callable[[], None]) -> None:
+        with self._lock, contextlib.suppress(ValueError):
+            self._change_listeners.remove(listener)
+
     def _notify(self, sampled: frozenset[tuple[str, str]]) -> None:
         with self._lock:
             listeners = list(self._listeners)
@@ -606,6 +610,7 @@ class Sampler:
         self._task: asyncio.Task[None] | None = None
         self._wake: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._stopping = False
 
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -621,7 +626,7 @@ class Sampler:
 
     async def _run(self) -> None:
         assert self._wake is not None
-        while True:
+        while not self._stopping:
             self._wake.clear()
             try:
                 await asyncio.to_thread(self._collector.tick)
@@ -634,12 +639,18 @@ class Sampler:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), delay)
 
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+    async def stop(self, timeout: float = 10.0) -> None:
+        """Stop after the sample in progress, so no worker thread reads the engine after."""
+        task, self._task = self._task, None
+        if task is None:
+            return
+        self._collector.remove_change_listener(self._poke)
+        self._stopping = True
+        self._poke()
+        try:
+            await asyncio.wait_for(task, timeout)
+        except TimeoutError:  # a sample stuck behind the engine's lock: give up on it
+            log.warning("metrics_sampler_stop_timeout", timeout=timeout)
 
 
 # -- the servicer -------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import grpc
@@ -17,6 +18,7 @@ from pagefusion.server.performance import (
     METRICS,
     MetricsCollector,
     MetricValues,
+    Sampler,
 )
 
 HOST_METRICS = ["RAM/VMM/Used", "RAM/VMM/Free", "RAM/VMM/Shared", "RAM/VMM/Zero"]
@@ -423,3 +425,33 @@ def test_total_over_machines_is_used_plus_shared_plus_zero_in_every_sample(
                 check_latest_sample(c, engine)
     finally:
         engine.close()
+
+
+def test_the_sampler_samples_off_the_request_path_and_stops(engine: FusionEngine,
+                                                            memory: Any) -> None:
+    start(engine, memory, "vm", unique=2)
+    collector = MetricsCollector.for_engine(engine)  # the real clock
+
+    async def run() -> list[frozenset[tuple[str, str]]]:
+        heard: list[frozenset[tuple[str, str]]] = []
+        sampled = asyncio.Event()
+        loop = asyncio.get_running_loop()
+
+        def listener(keys: frozenset[tuple[str, str]]) -> None:
+            heard.append(keys)
+            loop.call_soon_threadsafe(sampled.set)
+
+        collector.add_listener(listener)
+        sampler = Sampler(collector)
+        sampler.start()
+        await asyncio.wait_for(sampled.wait(), 30)  # a guard, not a timing
+        await sampler.stop()
+        after_stop = len(heard)
+        collector.setup([], [], 1, 1)  # would wake a running sampler
+        await asyncio.sleep(0)
+        assert len(heard) == after_stop
+        return heard
+
+    heard = asyncio.run(run())
+    assert ("vm", "Guest/RAM/Usage/Total") in heard[0]  # the first tick samples everything
+    assert one(collector, "vm", "Guest/RAM/Usage/Total") == ()  # setup after stop discarded it
