@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from pathlib import Path
 
 import grpc
 import pytest
@@ -10,6 +11,7 @@ from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 from metrics_helpers import WAIT, ServerThread
 
+from pagefusion.server.app import Settings
 from pagefusion.v1 import performance_pb2 as pb
 
 
@@ -162,3 +164,22 @@ def test_watch_ends_cleanly_when_the_server_shuts_down(server: ServerThread) -> 
     reader.join(WAIT)
     assert ended.is_set()
     assert stream.code() == grpc.StatusCode.OK  # type: ignore[attr-defined]
+
+
+def test_without_metrics_listen_there_is_no_exporter_and_the_service_works(
+    tmp_path: Path,
+) -> None:
+    srv = ServerThread(Settings(listen="127.0.0.1:0", data_dir=tmp_path / "data"))
+    try:
+        assert srv.server.prometheus is None
+        srv.start_machine("vm")
+        stream = srv.perf.WatchMetrics(pb.WatchMetricsRequest(metric_names=["*/Total"]))
+        first = next(stream)
+        srv.server.metrics.sample_now()
+        second = next(stream)
+        stream.cancel()
+        assert [d.object for d in second.data] == ["vm"]
+        assert list(second.data[0].values) == [256]
+        assert len(first.data) == 1
+    finally:
+        srv.stop()
