@@ -13,7 +13,9 @@ Two formats, told apart by the ELF magic:
   each PT_LOAD segment is guest-physical memory at ``p_paddr``. QEMU puts the
   segment data right after the notes, so file offsets are rarely page
   aligned; segments may be ragged, leave holes, or sit high (firmware just
-  below 4 GiB); ``p_memsz`` beyond ``p_filesz`` reads as zeros.
+  below 4 GiB); ``p_memsz`` beyond ``p_filesz`` reads as zeros. VirtualBox
+  writes MMIO ranges as PT_LOAD segments with no file data; those are device
+  memory, not RAM, and stay unmapped.
 
 The file is mapped read-only and reads return memoryviews of the mapping;
 only pages a segment covers partly (a ragged edge, two segments sharing a
@@ -172,6 +174,10 @@ def parse_core(data: mmap.mmap | bytes, path: str = "core") -> list[Segment]:
                 path,
                 f"{where}: absurd size or address (p_memsz {memsz:#x}, end {paddr + memsz:#x})",
             )
+        if filesz == 0:
+            # VirtualBox writes MMIO ranges as PT_LOAD without file data: device
+            # memory, not RAM, so it stays unmapped.
+            continue
         total += memsz
         if total > MAX_TOTAL_BYTES:
             raise _fail(path, "PT_LOAD segments add up to more than 1 TiB of guest memory")

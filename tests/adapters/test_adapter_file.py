@@ -127,6 +127,38 @@ def test_unaligned_paddr_shared_pages_and_bss(tmp_path: Path) -> None:
     mem.close()
 
 
+def test_virtualbox_layout_core(tmp_path: Path) -> None:
+    """DBGFCoreWrite's layout: 8-byte aligned VBCORE/VBCPU notes, one PT_LOAD per
+    PGM RAM range, MMIO ranges as PT_LOAD with p_filesz 0."""
+    low = _rand(0xA0000, 20)
+    rom = _rand(0x40000, 21)
+    high = _rand(62 * MiB, 22)
+    vram = _rand(16 * MiB, 23)
+    bios = _rand(0x20000, 24)
+    segs = [
+        CoreSegment(0, low),
+        CoreSegment(0xA0000, b"", memsz=0x20000),  # VGA MMIO
+        CoreSegment(0xC0000, rom),
+        CoreSegment(0x100000, high),
+        CoreSegment(0xE0000000, vram),  # MMIO2 (VRAM) has data
+        CoreSegment(0xFEC00000, b"", memsz=PAGE_SIZE),  # I/O APIC
+        CoreSegment(0xFFFE0000, bios),
+    ]
+    path = write_elf_core(tmp_path / "vbox.core", segs, align=8)
+    mem = _open(path)
+    assert list(mem.ranges()) == [
+        MemoryRange(0, 0xA0000),
+        MemoryRange(0xC0000, 0x40000),
+        MemoryRange(0x100000, 62 * MiB),
+        MemoryRange(0xE0000000, 16 * MiB),
+        MemoryRange(0xFFFE0000, 0x20000),
+    ]
+    img = _image(mem)
+    assert img[0] == low and img[0xC0000] == rom and img[0x100000] == high
+    assert img[0xE0000000] == vram and img[0xFFFE0000] == bios
+    mem.close()
+
+
 def test_pn_xnum_segment_count(tmp_path: Path) -> None:
     segs = [CoreSegment(i * 0x10000, _rand(PAGE_SIZE, i)) for i in range(5)]
     mem = _open(write_elf_core(tmp_path / "core", segs, pn_xnum=True))
@@ -157,8 +189,10 @@ def _hostile(tmp_path: Path, kind: str) -> Path:
         write_elf_core(p, [CoreSegment(0, b"a" * 10), CoreSegment(0, b"b" * 10)])
     elif kind == "absurd":
         write_elf_core(p, [CoreSegment(0, b"", memsz=2 << 40)])
+    elif kind == "only-mmio":
+        write_elf_core(p, [CoreSegment(0xFEC00000, b"", memsz=PAGE_SIZE)])
     elif kind == "absurd-total":
-        write_elf_core(p, [CoreSegment(i << 40, b"", memsz=(1 << 40) - 4096) for i in range(2)])
+        write_elf_core(p, [CoreSegment(i << 40, b"x", memsz=(1 << 40) - 4096) for i in range(2)])
     elif kind == "absurd-address":
         write_elf_core(p, [CoreSegment(1 << 60, b"x")])
     elif kind == "filesz-gt-memsz":
@@ -200,6 +234,7 @@ HOSTILE = {
     "overlap": "overlap",
     "process-core": "process core",
     "absurd": "absurd",
+    "only-mmio": "no PT_LOAD",
     "absurd-total": "more than 1 TiB",
     "absurd-address": "absurd",
     "filesz-gt-memsz": "exceeds p_memsz",
