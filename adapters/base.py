@@ -72,7 +72,7 @@ class AdapterContext:
         os_type: the machine's ``os_type`` (e.g. ``Windows10_64``).
         memory_size_bytes: the machine's configured size; 0 = from the source.
         allowed_paths: resolved directories the server may open files under;
-            adapters must refuse anything outside them (PermissionDeniedError).
+            adapters must refuse anything outside them (SourcePermissionError).
     """
 
     machine_id: str
