@@ -12,7 +12,6 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
 )
 
 from pagefusion.v1 import machine_pb2
-from pagefusion.v1 import performance_pb2 as perf
 
 Code = grpc.StatusCode
 SERVICES = {
@@ -82,22 +81,6 @@ def test_unexpected_errors_are_internal_without_traceback(api, expect_failure):
     assert failure.reason == "INTERNAL"
     assert any(e["event"] == "internal_error" for e in logs)  # the traceback goes to the log
     assert api.get("vm").state == machine_pb2.Machine.STATE_POWERED_OFF
-
-
-@pytest.mark.parametrize(
-    ("rpc", "request_"),
-    [
-        ("ListMetrics", perf.ListMetricsRequest()),
-        ("SetupMetrics", perf.SetupMetricsRequest()),
-        ("EnableMetrics", perf.EnableMetricsRequest()),
-        ("DisableMetrics", perf.DisableMetricsRequest()),
-        ("QueryMetrics", perf.QueryMetricsRequest()),
-        ("WatchMetrics", perf.WatchMetricsRequest()),
-    ],
-)
-def test_performance_service_is_unimplemented_for_now(api, expect_failure, rpc, request_):
-    failure = expect_failure(getattr(api.perf, rpc), request_, Code.UNIMPLEMENTED)
-    assert rpc in failure.message
 
 
 def test_graceful_shutdown(make_server, api_for, gate_adapter, expect_failure):
