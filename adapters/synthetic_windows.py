@@ -279,15 +279,52 @@ _header_page_cached = functools.lru_cache(maxsize=4096)(
 )
 
 
+@dataclass(frozen=True, slots=True, eq=False)
+class Image:
+    """A module image: synthesised (``pristine`` None) or read from a PE file.
+
+    Attributes:
+        spec: name, version, SizeOfImage (page multiple) and kernel or user.
+        key: the content key of synthesised pages.
+        sections: the section table, in image pages.
+        offsets: byte offsets of relocation fixups, sorted.
+        rvas: for each fixup, the value it holds minus the preferred base;
+            loaded at ``base`` it holds ``base + rva`` (``width`` bytes).
+        aligned: every fixup is aligned to ``width`` (a faster write path).
+        pristine: the mapped image as (pages, PAGE_SIZE) bytes, for PE files.
+    """
+
+    spec: ModuleSpec
+    key: int
+    sections: tuple[Section, ...]
+    offsets: np.ndarray
+    rvas: np.ndarray
+    width: int
+    aligned: bool
+    pristine: np.ndarray | None = None
+
+    @property
+    def fixup_pages(self) -> np.ndarray:
+        """Image pages that hold at least one byte of a fixup."""
+        first = self.offsets // PAGE_SIZE
+        last = (self.offsets + self.width - 1) // PAGE_SIZE
+        return np.union1d(first, last)
+
+
+@functools.lru_cache(maxsize=4096)
+def _synthetic_image(spec: ModuleSpec, arch: str, fraction: tuple[float, float]) -> Image:
+    offsets, rvas = _fixups(spec, arch, fraction)
+    return Image(spec, _image_key(arch, spec), _sections(spec, arch), offsets, rvas,
+                 8 if arch == "x64" else 4, True)
+
+
 # ---------------------------------------------------------------- layout
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, eq=False)
 class _Module:
-    spec: ModuleSpec
+    image: Image
     base: int
-    fixups: tuple[np.ndarray, np.ndarray]
-    sections: tuple[Section, ...]
 
 
 class _Chunks:
@@ -349,7 +386,14 @@ class SyntheticWindowsMemory(GuestMemory):
 
     live = False
 
-    def __init__(self, profile: Profile, size: int, seed: int, aslr: bool | None = None) -> None:
+    def __init__(
+        self,
+        profile: Profile,
+        size: int,
+        seed: int,
+        aslr: bool | None = None,
+        images: Sequence[Image] = (),
+    ) -> None:
         self.profile = profile
         self.size = size
         self.seed = seed
@@ -368,32 +412,36 @@ class SyntheticWindowsMemory(GuestMemory):
         used_pages = min(used // PAGE_SIZE, int(total_pages * 0.9))
 
         chunks = _Chunks()
-        specs: list[ModuleSpec] = []
+        # Real PE images replace the profile's module of the same name; others join it.
+        real = {image.spec.name.lower(): image for image in images}
+        candidates = [
+            real.pop(spec.name.lower(), None) or _synthetic_image(spec, arch, profile.fixup_pages)
+            for spec in profile.modules
+        ]
+        candidates += real.values()
+        chosen: list[Image] = []
         image_pages = 0
-        for spec in profile.modules:  # kernel first: small machines keep the core
+        for image in candidates:  # kernel first: small machines keep the core
             # Images take at most half of what is in use, but the kernel always loads.
-            limit = used_pages // 2 if specs else max(used_pages // 2, total_pages // 2)
-            if image_pages + spec.size // PAGE_SIZE > limit:
+            limit = used_pages // 2 if chosen else max(used_pages // 2, total_pages // 2)
+            if image_pages + image.spec.size // PAGE_SIZE > limit:
                 continue
-            specs.append(spec)
-            image_pages += spec.size // PAGE_SIZE
-        bases = _bases(profile, specs, seed, self.aslr)
+            chosen.append(image)
+            image_pages += image.spec.size // PAGE_SIZE
+        bases = _bases(profile, [image.spec for image in chosen], seed, self.aslr)
         self._modules: list[_Module] = []
-        for m, (spec, base) in enumerate(zip(specs, bases, strict=True)):
-            sections = _sections(spec, arch)
-            key = _image_key(arch, spec)
-            for s in sections:
+        for m, (image, base) in enumerate(zip(chosen, bases, strict=True)):
+            for s in image.sections:
                 kind = IMAGE_CODE if s.code else IMAGE_DATA
-                if s.name == ".data":  # runtime writes dirty part of .data
+                if not s.readonly:  # run-time writes dirty half of each writable section
                     clean = s.pages - s.pages // 2
-                    chunks.add(kind, key, s.first, clean, m)
+                    chunks.add(kind, image.key, s.first, clean, m)
                     if s.pages - clean:
-                        chunks.add(PRIVATE, _key("data", *machine, spec.name), 0, s.pages - clean)
+                        dirty = _key("data", *machine, image.spec.name, s.name, s.first)
+                        chunks.add(PRIVATE, dirty, 0, s.pages - clean)
                 else:
-                    chunks.add(kind, key, s.first, s.pages, m)
-            self._modules.append(
-                _Module(spec, base, _fixups(spec, arch, profile.fixup_pages), sections)
-            )
+                    chunks.add(kind, image.key, s.first, s.pages, m)
+            self._modules.append(_Module(image, base))
 
         rest = max(0, used_pages - image_pages)
         cache_budget = int(rest * profile.cache_share)
@@ -486,16 +534,16 @@ class SyntheticWindowsMemory(GuestMemory):
         out = []
         for m, mod in enumerate(self._modules):
             regions: list[ModuleRegion] = []
-            for s in mod.sections:
+            for s in mod.image.sections:
                 if not s.readonly:
                     continue
                 e = self._extent_of(m, s.first)
                 regions += self._regions(int(self._ext_start[e]), s.pages)
             out.append(GuestModule(
-                module_name=mod.spec.name,
-                version=mod.spec.version,
+                module_name=mod.image.spec.name,
+                version=mod.image.spec.version,
                 base_address=mod.base,
-                module_size=mod.spec.size,
+                module_size=mod.image.spec.size,
                 guest_os=self.profile.name,
                 regions=tuple(regions[:32]),
             ))
@@ -514,16 +562,16 @@ class SyntheticWindowsMemory(GuestMemory):
         """Sections of a loaded module with the guest-physical address of each (pristine
         part of .data only: the dirtied half lives elsewhere)."""
         for m, mod in enumerate(self._modules):
-            if mod.spec.name == name:
+            if mod.image.spec.name == name:
                 return [(s, self._physical(int(self._ext_start[self._extent_of(m, s.first)])))
-                        for s in mod.sections]
+                        for s in mod.image.sections]
         raise KeyError(name)
 
     def fixup_pages(self, name: str) -> np.ndarray:
         """Image page numbers of a module that carry relocation fixups."""
         for mod in self._modules:
-            if mod.spec.name == name:
-                return np.unique(mod.fixups[0] // PAGE_SIZE)
+            if mod.image.spec.name == name:
+                return mod.image.fixup_pages
         raise KeyError(name)
 
     # -- GuestMemory
@@ -548,7 +596,6 @@ class SyntheticWindowsMemory(GuestMemory):
         """Fill ``out`` (pages x PAGE_SIZE uint8) with linear pages from ``first_page``."""
         end_page = first_page + out.shape[0]
         i = bisect.bisect_right(self._ext_start_list, first_page) - 1
-        x64 = self.profile.arch == "x64"
         while i < len(self._ext_start_list) and self._ext_start_list[i] < end_page:
             start = self._ext_start_list[i]
             length = int(self._ext_len[i])
@@ -566,27 +613,44 @@ class SyntheticWindowsMemory(GuestMemory):
                 rows.fill(0xFF)
                 continue
             obj0 = int(self._ext_page0[i - 1]) + (a - start)
-            pages = np.arange(obj0, obj0 + (b - a), dtype=np.int64)
-            _fill(rows, kind, int(self._ext_key[i - 1]), pages)
             m = int(self._ext_module[i - 1])
+            image = self._modules[m].image if m >= 0 else None
+            if image is not None and image.pristine is not None:
+                rows[:] = image.pristine[obj0 : obj0 + (b - a)]
+            else:
+                pages = np.arange(obj0, obj0 + (b - a), dtype=np.int64)
+                _fill(rows, kind, int(self._ext_key[i - 1]), pages)
             if m >= 0:
-                self._relocate(rows, self._modules[m], obj0, b - a, x64)
+                self._relocate(rows, self._modules[m], obj0, b - a)
 
-    def _relocate(self, rows: np.ndarray, mod: _Module, obj0: int, pages: int, x64: bool) -> None:
-        if obj0 == 0:
-            rows[0] = _header_page_cached(mod.spec, self.profile.arch)
-        offsets, rvas = mod.fixups
-        lo, hi = np.searchsorted(offsets, [obj0 * PAGE_SIZE, (obj0 + pages) * PAGE_SIZE])
+    def _relocate(self, rows: np.ndarray, mod: _Module, obj0: int, pages: int) -> None:
+        image = mod.image
+        if obj0 == 0 and image.pristine is None:
+            rows[0] = _header_page_cached(image.spec, self.profile.arch)
+        start = obj0 * PAGE_SIZE
+        end = start + pages * PAGE_SIZE
+        # A fixup that starts on the page before may spill into this span.
+        lo, hi = np.searchsorted(image.offsets, [start - image.width + 1, end])
         if lo == hi:
             return
-        where = offsets[lo:hi] - obj0 * PAGE_SIZE
+        where = image.offsets[lo:hi] - start
         with np.errstate(over="ignore"):
-            values = rvas[lo:hi] + np.uint64(mod.base)
+            values = image.rvas[lo:hi] + np.uint64(mod.base)
         flat = rows.reshape(-1)
-        if x64:
-            flat.view(np.uint64)[where >> 3] = values
-        else:
-            flat.view(np.uint32)[where >> 2] = (values & np.uint64(0xFFFFFFFF)).astype(np.uint32)
+        if image.aligned:
+            if image.width == 8:
+                flat.view(np.uint64)[where >> 3] = values
+            else:
+                flat.view(np.uint32)[where >> 2] = (values & np.uint64(0xFFFFFFFF)).astype(
+                    np.uint32
+                )
+            return
+        for k in range(image.width):  # unaligned fixups (x86 code), maybe across pages
+            at = where + k
+            inside = (at >= 0) & (at < end - start)
+            flat[at[inside]] = ((values[inside] >> np.uint64(8 * k)) & np.uint64(0xFF)).astype(
+                np.uint8
+            )
 
     def close(self) -> None:
         self._closed = True
