@@ -8,11 +8,15 @@ messages without their state: memory is RAM, so after a restart every machine
 is powered off.
 
 The registry is blocking I/O; the servicers call it through
-``asyncio.to_thread``. A lock serialises access to the one connection.
+``asyncio.to_thread``. A lock serialises access to the one connection. An
+exclusive lock on ``registry.lock`` keeps a second server off the same data
+dir (the kernel drops it when the process dies, even by kill -9).
 """
 
 from __future__ import annotations
 
+import fcntl
+import os
 import sqlite3
 import threading
 from pathlib import Path
@@ -22,6 +26,7 @@ from pagefusion.server.engine import FusionConfig, FusionMode
 from pagefusion.v1 import fusion_pb2, machine_pb2
 
 DB_NAME = "registry.sqlite3"
+LOCK_NAME = "registry.lock"
 _SCHEMA_VERSION = 1
 _FUSION_CONFIG_KEY = "fusion_config"
 
@@ -33,10 +38,15 @@ class Registry:
         data_dir.mkdir(parents=True, exist_ok=True)
         self.path = data_dir / DB_NAME
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._migrate()
+        self._lock_fd = _lock_data_dir(data_dir / LOCK_NAME)
+        try:
+            self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._migrate()
+        except BaseException:
+            os.close(self._lock_fd)
+            raise
 
     def _migrate(self) -> None:
         (version,) = self._db.execute("PRAGMA user_version").fetchone()
@@ -63,6 +73,7 @@ class Registry:
     def close(self) -> None:
         with self._lock:
             self._db.close()
+            os.close(self._lock_fd)
 
     # machines
 
@@ -146,6 +157,18 @@ class _Tx:
 
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
         self._db.execute("COMMIT" if exc_type is None else "ROLLBACK")
+
+
+def _lock_data_dir(path: Path) -> int:
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise OSError(
+            f"the data dir {path.parent} is in use by another pagefusion-server"
+        ) from None
+    return fd
 
 
 def _stored(machine: machine_pb2.Machine) -> bytes:

@@ -173,3 +173,17 @@ def test_write_of_4_mib_fits_the_message_limits(api, vm):
     data = bytes(range(256)) * (4 * MiB // 256)
     api.guest.WriteGuestMemory(pb.WriteGuestMemoryRequest(name=vm, address=0, data=data))
     assert _read(api, vm, 0, 4 * MiB) == data
+
+
+@pytest.mark.parametrize("address", [2**64 - PAGE, 2**64 - 1, 2**63, 2**52])
+def test_addresses_far_outside_are_out_of_range(api, vm, expect_failure, address):
+    expect_failure(
+        api.guest.ReadGuestMemory,
+        pb.ReadGuestMemoryRequest(name=vm, address=address, length=2 * PAGE), Code.OUT_OF_RANGE,
+    )
+    expect_failure(
+        api.guest.WriteGuestMemory,
+        pb.WriteGuestMemoryRequest(name=vm, address=address, data=bytes(2 * PAGE)),
+        Code.OUT_OF_RANGE,
+    )
+    assert _info(api, vm, address).state == pb.PAGE_STATE_UNMAPPED

@@ -101,3 +101,9 @@ def test_graceful_shutdown(make_server, api_for, gate_adapter, expect_failure):
     stopping.result(30)
     server.stopped = True
     expect_failure(api.machines.ListMachines, machine_pb2.ListMachinesRequest(), Code.UNAVAILABLE)
+
+
+def test_second_server_on_same_data_dir_is_refused(make_server, tmp_path):
+    make_server()
+    with pytest.raises(OSError, match="in use by another pagefusion-server"):
+        make_server(data_dir=tmp_path / "data")
