@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import bisect
 import functools
+import os
 import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -49,20 +50,30 @@ from pagefusion.adapters.base import (
     GuestMemory,
     GuestModule,
     InvalidOptionError,
+    InvalidSourceError,
     MemoryRange,
     ModuleRegion,
     SourceError,
 )
-from pagefusion.adapters.helpers import MAX_TOTAL_BYTES, RangeLookup, parse_bool, parse_int
+from pagefusion.adapters.helpers import (
+    MAX_TOTAL_BYTES,
+    RangeLookup,
+    open_allowed,
+    parse_bool,
+    parse_int,
+    resolve_allowed,
+)
 from pagefusion.adapters.windows_profiles import PROFILES, ModuleSpec, Profile
 
 __all__ = [
     "KIND_NAMES",
     "PROFILES",
+    "Image",
     "Section",
     "SyntheticWindowsAdapter",
     "SyntheticWindowsMemory",
     "default_seed",
+    "load_pe_images",
 ]
 
 GiB = 1 << 30
@@ -318,6 +329,163 @@ def _synthetic_image(spec: ModuleSpec, arch: str, fraction: tuple[float, float])
                  8 if arch == "x64" else 4, True)
 
 
+# ---------------------------------------------------------------- real PE images
+
+_IMAGE_SCN_CNT_CODE = 0x20
+_IMAGE_SCN_MEM_EXECUTE = 0x20000000
+_IMAGE_SCN_MEM_WRITE = 0x80000000
+_MACHINES = {"x64": 0x8664, "x86": 0x14C}
+_RELOC_WIDTH = {"x64": (10, 8), "x86": (3, 4)}  # IMAGE_REL_BASED_DIR64 / HIGHLOW
+_PE_SUFFIXES = (".dll", ".exe", ".sys", ".drv", ".cpl", ".ocx", ".efi")
+_pe_cache: dict[tuple[object, ...], Image] = {}
+_pe_lock = threading.Lock()
+
+
+def _pe_fail(name: str, message: str) -> InvalidSourceError:
+    return InvalidSourceError(f"images: {name}: {message}", option="images")
+
+
+def _pe_image(name: str, data: bytes, arch: str, profile: Profile) -> Image:
+    """Map a PE file as the loader would and list its base relocations."""
+    import pefile
+
+    try:
+        pe = pefile.PE(data=data, fast_load=True)
+        pe.parse_data_directories(directories=[
+            pefile.DIRECTORY_ENTRY["IMAGE_DIRECTORY_ENTRY_BASERELOC"],
+            pefile.DIRECTORY_ENTRY["IMAGE_DIRECTORY_ENTRY_RESOURCE"],
+        ])
+        mapped = pe.get_memory_mapped_image()
+    except Exception as exc:  # pefile raises PEFormatError and assorted others
+        raise _pe_fail(name, f"not a usable PE image: {exc}") from None
+    machine = pe.FILE_HEADER.Machine
+    if machine != _MACHINES[arch]:
+        raise _pe_fail(name, f"machine {machine:#x} is not the profile's {arch} "
+                             f"({_MACHINES[arch]:#x})")
+    size = -(-pe.OPTIONAL_HEADER.SizeOfImage // PAGE_SIZE) * PAGE_SIZE
+    if not 0 < size <= GiB:
+        raise _pe_fail(name, f"SizeOfImage {pe.OPTIONAL_HEADER.SizeOfImage} outside 1 byte..1 GiB")
+    pages = size // PAGE_SIZE
+    pristine = np.zeros(size, dtype=np.uint8)
+    head = np.frombuffer(mapped, dtype=np.uint8)[:size]
+    pristine[: head.size] = head
+
+    sections: list[Section] = []
+    table = sorted(pe.sections, key=lambda sec: sec.VirtualAddress)
+    if table and all(sec.VirtualAddress % PAGE_SIZE == 0 for sec in table) and (
+        table[0].VirtualAddress >= PAGE_SIZE
+    ):
+        sections.append(Section("HEADER", 0, table[0].VirtualAddress // PAGE_SIZE, True, False))
+        for i, sec in enumerate(table):
+            first = sec.VirtualAddress // PAGE_SIZE
+            limit = table[i + 1].VirtualAddress // PAGE_SIZE if i + 1 < len(table) else pages
+            extent = max(sec.Misc_VirtualSize, sec.SizeOfRawData, 1)
+            count = min(-(-extent // PAGE_SIZE), limit - first, pages - first)
+            if count <= 0:
+                continue
+            flags = sec.Characteristics
+            sections.append(Section(
+                sec.Name.rstrip(b"\0").decode("latin-1") or f"#{i}",
+                first,
+                count,
+                not flags & _IMAGE_SCN_MEM_WRITE,
+                bool(flags & (_IMAGE_SCN_CNT_CODE | _IMAGE_SCN_MEM_EXECUTE)),
+            ))
+    else:  # sections not page aligned (tiny images): one read-only run
+        sections.append(Section("IMAGE", 0, pages, True, True))
+
+    kind, width = _RELOC_WIDTH[arch]
+    offsets_list: list[int] = []
+    for block in getattr(pe, "DIRECTORY_ENTRY_BASERELOC", []):
+        for entry in block.entries:
+            if entry.type == 0:  # IMAGE_REL_BASED_ABSOLUTE: padding
+                continue
+            if entry.type != kind:
+                raise _pe_fail(name, f"relocation type {entry.type} at {entry.rva:#x} is not "
+                                     f"supported for {arch}")
+            if not 0 <= entry.rva <= size - width:
+                raise _pe_fail(name, f"relocation at {entry.rva:#x} lies outside the image")
+            offsets_list.append(entry.rva)
+    offsets = np.unique(np.asarray(offsets_list, dtype=np.int64))
+    stored = np.array([int.from_bytes(pristine[o : o + width].tobytes(), "little")
+                       for o in offsets.tolist()], dtype=np.uint64)
+    mask = np.uint64((1 << (8 * width)) - 1)
+    with np.errstate(over="ignore"):
+        rvas = (stored - np.uint64(pe.OPTIONAL_HEADER.ImageBase)) & mask
+
+    known = {spec.name.lower(): spec for spec in profile.modules}.get(name.lower())
+    version = known.version if known else f"{profile.build}.0"
+    fixed = getattr(pe, "VS_FIXEDFILEINFO", None)
+    if fixed:
+        info = fixed[0]
+        text = (f"{info.FileVersionMS >> 16}.{info.FileVersionMS & 0xFFFF}."
+                f"{info.FileVersionLS >> 16}.{info.FileVersionLS & 0xFFFF}")
+        if len(text) <= 15:
+            version = text
+    kernel = known.kernel if known else name.lower().endswith(".sys")
+    spec = ModuleSpec(known.name if known else name, version, size, kernel)
+    pristine.setflags(write=False)
+    offsets.setflags(write=False)
+    rvas.setflags(write=False)
+    return Image(
+        spec,
+        _key("pe", spec.name.lower(), version, size, mmh3.hash64(data, signed=False)[0]),
+        tuple(sections),
+        offsets,
+        rvas,
+        width,
+        bool((offsets % width == 0).all()),
+        pristine.reshape(pages, PAGE_SIZE),
+    )
+
+
+def load_pe_images(directory: str, context: AdapterContext, profile: Profile) -> tuple[Image, ...]:
+    """Images from the PE files (.dll, .exe, .sys, ...) directly in ``directory``.
+
+    Raises:
+        InvalidOptionError: pefile is missing, or ``directory`` is not one.
+        SourcePermissionError, SourceNotFoundError: as for any path option.
+        InvalidSourceError: a file is not a PE image of the profile's
+            architecture, or its relocations cannot be applied.
+    """
+    try:
+        import pefile  # noqa: F401
+    except ImportError:
+        raise InvalidOptionError(
+            "option 'images' needs the pefile package (pip install pefile)", option="images"
+        ) from None
+    root = resolve_allowed(directory, context.allowed_paths, "images")
+    if not root.is_dir():
+        raise InvalidOptionError(f"option 'images': {directory!r} is not a directory",
+                                 option="images")
+    files = sorted(p for p in root.iterdir() if p.suffix.lower() in _PE_SUFFIXES)
+    if len(files) > 2048:
+        raise InvalidOptionError("option 'images': more than 2048 PE files", option="images")
+    out = []
+    for path in files:
+        fd = open_allowed(str(path), context.allowed_paths, "images")
+        try:
+            st = os.fstat(fd)
+            if st.st_size > GiB:
+                raise _pe_fail(path.name, "larger than 1 GiB")
+            cache_key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, path.name,
+                         profile.name)
+            with _pe_lock:
+                image = _pe_cache.get(cache_key)
+            if image is None:
+                with os.fdopen(os.dup(fd), "rb") as f:
+                    data = f.read()
+                image = _pe_image(path.name, data, profile.arch, profile)
+                with _pe_lock:
+                    if len(_pe_cache) >= 4096:
+                        _pe_cache.clear()
+                    _pe_cache[cache_key] = image
+        finally:
+            os.close(fd)
+        out.append(image)
+    return tuple(out)
+
+
 # ---------------------------------------------------------------- layout
 
 
@@ -422,9 +590,11 @@ class SyntheticWindowsMemory(GuestMemory):
         chosen: list[Image] = []
         image_pages = 0
         for image in candidates:  # kernel first: small machines keep the core
-            # Images take at most half of what is in use, but the kernel always loads.
+            # Images take at most half of what is in use, but the kernel and the
+            # real images a user supplied always load.
             limit = used_pages // 2 if chosen else max(used_pages // 2, total_pages // 2)
-            if image_pages + image.spec.size // PAGE_SIZE > limit:
+            forced = image.pristine is not None
+            if not forced and image_pages + image.spec.size // PAGE_SIZE > limit:
                 continue
             chosen.append(image)
             image_pages += image.spec.size // PAGE_SIZE
@@ -470,6 +640,12 @@ class SyntheticWindowsMemory(GuestMemory):
         order = rng.permutation(n)
         lengths = np.asarray(chunks.pages, dtype=np.int64)[order]
         zero = total_pages - int(lengths.sum())
+        if zero < 0:
+            raise InvalidOptionError(
+                f"the module images need {int(lengths.sum()) * PAGE_SIZE} bytes, more than the "
+                f"machine's {size}",
+                option="images",
+            )
         cuts = np.sort(rng.integers(0, zero + 1, n))
         gaps = np.diff(np.concatenate([[0], cuts, [zero]]))
         starts = np.cumsum(np.concatenate([[0], lengths[:-1]])) + np.cumsum(gaps[:-1])
@@ -665,6 +841,8 @@ class SyntheticWindowsAdapter(Adapter):
         "profile": "OS profile: " + ", ".join(PROFILES) + " (default: the machine's os_type)",
         "seed": "integer seed of this boot (default: derived from the machine id)",
         "aslr": "true/false: per-boot random image bases (default: on from Windows 7)",
+        "images": "directory of real PE files (needs pefile): they replace the profile's "
+        "modules of the same name, others are added; their real relocations are applied",
     }
 
     def open(self, options: Mapping[str, str], context: AdapterContext) -> GuestMemory:
@@ -687,4 +865,7 @@ class SyntheticWindowsAdapter(Adapter):
                 f"{_MIN_SIZE} and {MAX_TOTAL_BYTES}",
                 option="memory_size_bytes",
             )
-        return SyntheticWindowsMemory(profile, size, seed, aslr)
+        images = load_pe_images(options["images"], context, profile) if options.get(
+            "images"
+        ) else ()
+        return SyntheticWindowsMemory(profile, size, seed, aslr, images)
