@@ -78,7 +78,9 @@ def memcpy(data: np.ndarray) -> float:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--machines", type=int, default=4)
     ap.add_argument("--gib", type=float, default=1.0, help="guest memory per machine")
     ap.add_argument("--cow-writes", type=int, default=20000)
@@ -104,38 +106,52 @@ def main() -> None:
     gb = total / 1e9
     print(f"hash-only (mmh3 x64-128 per page): {gb / t_hash:6.2f} GB/s")
     print(f"memcpy (into touched memory):      {gb / t_copy:6.2f} GB/s")
-    print(f"ingest with fusion:                {gb / t_ingest:6.2f} GB/s"
-          f"  ({t_ingest / t_hash * 100:.0f}% of hash-only time; ratio ingest/hash-only throughput "
-          f"{t_hash / t_ingest:.2f})")
+    print(
+        f"ingest with fusion:                {gb / t_ingest:6.2f} GB/s"
+        f"  ({t_ingest / t_hash * 100:.0f}% of hash-only time; ratio ingest/hash-only throughput "
+        f"{t_hash / t_ingest:.2f})"
+    )
     print(f"ingest CPU time: {cpu1.ru_utime - cpu0.ru_utime + cpu1.ru_stime - cpu0.ru_stime:.2f} s")
-    print(f"guest pages {h.guest_pages}, zero {h.zero_pages}, frames used {h.frames_used}, "
-          f"pages saved {h.pages_saved}, frames shared {h.frames_shared}")
+    print(
+        f"guest pages {h.guest_pages}, zero {h.zero_pages}, frames used {h.frames_used}, "
+        f"pages saved {h.pages_saved}, frames shared {h.frames_shared}"
+    )
     assert h.guest_pages == h.frames_used + h.pages_saved + h.zero_pages
-    print(f"metadata: {h.metadata_bytes / h.guest_pages:.2f} bytes per guest page "
-          f"(KSM: 64 per scanned page; VMware: 16 per frame)")
-    print(f"RSS: before start {rss0 / 2**20:.0f} MiB, after start {rss1 / 2**20:.0f} MiB "
-          f"(frames used x 4 KiB = {h.frames_used * PAGE / 2**20:.0f} MiB; source buffers "
-          f"{total / 2**20:.0f} MiB live in this process too)")
+    print(
+        f"metadata: {h.metadata_bytes / h.guest_pages:.2f} bytes per guest page "
+        f"(KSM: 64 per scanned page; VMware: 16 per frame)"
+    )
+    print(
+        f"RSS: before start {rss0 / 2**20:.0f} MiB, after start {rss1 / 2**20:.0f} MiB "
+        f"(frames used x 4 KiB = {h.frames_used * PAGE / 2**20:.0f} MiB; source buffers "
+        f"{total / 2**20:.0f} MiB live in this process too)"
+    )
 
     # Copy on write: each write hits a different SHARED page of vm-0.
     shared = np.flatnonzero(guests[0].view(np.uint64).reshape(pages, -1).any(axis=1))
-    shared = [int(p) for p in shared if engine.page_info("vm-0", int(p) * PAGE).state.name == "SHARED"]
+    shared = [
+        int(p) for p in shared if engine.page_info("vm-0", int(p) * PAGE).state.name == "SHARED"
+    ]
     lat = []
     for p in shared[: args.cow_writes]:
         t = time.perf_counter_ns()
         engine.write("vm-0", p * PAGE + 8, b"\xff" * 8)
         lat.append(time.perf_counter_ns() - t)
     lat.sort()
-    print(f"copy-on-write write ({len(lat)} writes): p50 {lat[len(lat) // 2] / 1000:.1f} us, "
-          f"p99 {lat[int(len(lat) * 0.99)] / 1000:.1f} us, mean {statistics.mean(lat) / 1000:.1f} us")
+    print(
+        f"copy-on-write write ({len(lat)} writes): p50 {lat[len(lat) // 2] / 1000:.1f} us, "
+        f"p99 {lat[int(len(lat) * 0.99)] / 1000:.1f} us, mean {statistics.mean(lat) / 1000:.1f} us"
+    )
 
     for i in range(args.machines):
         engine.stop_machine(f"vm-{i}")
     del guests
     gc.collect()
     h = engine.stats().host
-    print(f"RSS after stop (sources freed too): {rss_bytes() / 2**20:.0f} MiB; frames used {h.frames_used}, "
-          f"pool holds {h.frames_free} free frames")
+    print(
+        f"RSS after stop (sources freed too): {rss_bytes() / 2**20:.0f} MiB; frames used {h.frames_used}, "
+        f"pool holds {h.frames_free} free frames"
+    )
 
 
 if __name__ == "__main__":

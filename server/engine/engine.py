@@ -18,7 +18,8 @@ writing a SHARED page first gives the writer its own copy (copy on write).
 The data structures, and why they are shaped this way:
 
 * The frame pool (pool.py): one reserved anonymous mapping carved into 4 KiB
-  frames with a 16-bit refcount each, grown in 2 MiB huge-page chunks and
+  frames with an 8-bit refcount each (at most 255 users, like KSM's
+  max_page_sharing; a 256th copy starts a new frame), grown in 2 MiB huge-page chunks and
   shrunk by handing fully free chunks back to the kernel. The pool, not
   Python objects, is what the host pays for.
 * Guest page maps: per machine one uint32 array, guest page -> frame id
@@ -90,8 +91,10 @@ from pagefusion.server.engine.types import (
 )
 
 #: Pages per ingest batch: large enough to amortise numpy calls, small
-#: enough that a group of equal pages fits a 16-bit refcount.
+#: enough to keep a batch's temporaries small.
 BATCH_PAGES = 16384
+#: How far ahead of need the pool populates fresh frames (in batches).
+PREFAULT_BATCHES = 2
 _ZERO_PAGE = bytes(PAGE_SIZE)
 _STABLE_MAX = 255
 _BINCOUNT_ABOVE = 65536
@@ -202,6 +205,12 @@ class FusionEngine:
         self._full_scans = 0
         self._scan_cursor: tuple[str, int] = ("", 0)
         self._modules = ModuleRegistry()
+        rows = 512  # 2 MiB per scratch buffer
+        self._scratch = (
+            np.zeros((rows, PAGE_SIZE // 8), dtype=np.uint64),
+            np.zeros((rows, PAGE_SIZE // 8), dtype=np.uint64),
+            np.zeros((rows, PAGE_SIZE // 8), dtype=bool),
+        )
 
     # -- configuration ------------------------------------------------------
 
@@ -277,7 +286,7 @@ class FusionEngine:
                 for first in range(0, r.pages, BATCH_PAGES):
                     n = min(BATCH_PAGES, r.pages - first)
                     with self._lock:
-                        self._pool.prefault(2 * n)
+                        self._pool.prefault(PREFAULT_BATCHES * n)
                     data = self._read_source(machine, r.address + first * PAGE_SIZE, n)
                     with self._lock:
                         self._ingest(machine, offset + first, data)
@@ -430,12 +439,34 @@ class FusionEngine:
                 continue
             if not np.array_equal(pool.words[frame], page):
                 continue
-            if int(pool.refcount[frame]) + extra <= MAX_REFCOUNT:
+            users = int(pool.refcount[frame])
+            if users + extra <= MAX_REFCOUNT:
                 return frame
-            # Saturated: let the next copy of this content start a new frame.
-            index.remove(np.array([key], dtype=np.uint32), np.array([frame], dtype=np.uint32))
-            pool.indexed.clear(np.array([frame]))
+            if users >= MAX_REFCOUNT:
+                # Saturated: let the next copy of this content start a new frame.
+                index.remove(np.array([key], dtype=np.uint32), np.array([frame], dtype=np.uint32))
+                pool.indexed.clear(np.array([frame]))
         return 0
+
+    def _equal_rows(
+        self, left: np.ndarray, left_rows: np.ndarray, right: np.ndarray, right_rows: np.ndarray
+    ) -> np.ndarray:
+        """Full byte comparison of page pairs: left[left_rows[i]] == right[right_rows[i]].
+
+        Works through small reused scratch buffers: gathering a whole batch
+        would allocate (and page-fault in) tens of MiB of temporaries each time.
+        """
+        n = len(left_rows)
+        out = np.empty(n, dtype=bool)
+        a, b, diff = self._scratch
+        step = len(a)
+        for start in range(0, n, step):
+            k = min(step, n - start)
+            np.take(left, left_rows[start : start + k], axis=0, out=a[:k])
+            np.take(right, right_rows[start : start + k], axis=0, out=b[:k])
+            np.not_equal(a[:k], b[:k], out=diff[:k])
+            np.logical_not(diff[:k].any(axis=1), out=out[start : start + k])
+        return out
 
     def _group(
         self, flat: memoryview, words: np.ndarray, rows: np.ndarray
@@ -456,7 +487,7 @@ class FusionEngine:
         members = np.flatnonzero(rows != rep_of)
         odd = members[:0]
         if len(members):
-            differs = (words[rows[members]] != words[rep_of[members]]).any(axis=1)
+            differs = ~self._equal_rows(words, rows[members], words, rep_of[members])
             odd = members[differs]
             if len(odd):
                 counts = counts - np.bincount(inverse[odd], minlength=len(counts))
@@ -488,7 +519,7 @@ class FusionEngine:
             ok &= frames != own[has]
         good = has[ok]
         equal = np.zeros(len(has), dtype=bool)
-        equal[ok] = (pool.words[frames[ok]] == words[reps[good]]).all(axis=1)
+        equal[ok] = self._equal_rows(pool.words, frames[ok], words, reps[good])
         found[has[equal]] = frames[equal]
         for g in has[~equal].tolist():  # collisions, stale or saturated entries
             found[g] = self._find(
@@ -511,26 +542,76 @@ class FusionEngine:
         flat = data.data.cast("B")
         index = self._index(domain)
         keys, reps, inverse, counts, odd = self._group(flat, words, rows)
+        # Groups larger than a frame can take: the first MAX_REFCOUNT rows go
+        # the normal way, the rest fill extra frames of their own.
+        extra_rows, extra_slot, extra_groups = self._overflow(inverse, counts, odd)
+        if len(extra_rows):
+            counts = np.minimum(counts, MAX_REFCOUNT)
         found = self._match(index, keys, reps, counts, words)
         new = np.flatnonzero(found == 0)
         # Check the budget before mutating anything, so a refusal leaves no trace.
-        fresh = pool.alloc(len(new) + len(odd))
+        fresh = pool.alloc(len(new) + len(odd) + len(extra_groups))
         matched = np.flatnonzero(found)
         self._incref(found[matched], counts[matched])
         if len(new):
             frames = fresh[: len(new)]
-            pool.frames[frames] = data[reps[new]]
+            self._copy_into(frames, data, reps[new])
             pool.refcount[frames] = counts[new]
             self._frames_shared += int(np.count_nonzero(counts[new] >= 2))
             self._insert(index, keys[new], frames)
             found[new] = frames
         out = found[inverse]
+        rest = fresh[len(new) :]
         if len(odd):  # a 64-bit hash collision inside the batch: keep them private
-            lone = fresh[len(new) :]
-            pool.frames[lone] = data[rows[odd]]
+            lone = rest[: len(odd)]
+            self._copy_into(lone, data, rows[odd])
             pool.refcount[lone] = 1
             out[odd] = lone
+        if len(extra_groups):  # unindexed: they are (nearly) full already
+            spill = rest[len(odd) :]
+            self._copy_into(spill, data, reps[extra_groups])
+            users = np.bincount(extra_slot, minlength=len(extra_groups))
+            pool.refcount[spill] = users
+            self._frames_shared += int(np.count_nonzero(users >= 2))
+            out[extra_rows] = spill[extra_slot]
         return out
+
+    @staticmethod
+    def _overflow(
+        inverse: np.ndarray, counts: np.ndarray, odd: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Rows of groups beyond MAX_REFCOUNT members.
+
+        Returns (rows, slot of each row, group of each slot): every slot is
+        one extra frame holding up to MAX_REFCOUNT rows of one group.
+        """
+        empty = np.zeros(0, dtype=np.int64)
+        if not len(counts) or counts.max() <= MAX_REFCOUNT:
+            return empty, empty, empty
+        member = np.ones(len(inverse), dtype=bool)
+        member[odd] = False
+        idx = np.flatnonzero(member)
+        groups = inverse[idx]
+        order = np.argsort(groups, kind="stable")
+        sorted_groups = groups[order]
+        rank = np.arange(len(order)) - np.searchsorted(sorted_groups, sorted_groups)
+        over = rank >= MAX_REFCOUNT
+        rows = idx[order][over]
+        pairs = sorted_groups[over] * (len(inverse) + 1) + rank[over] // MAX_REFCOUNT
+        uniq_pairs, slot = np.unique(pairs, return_inverse=True)
+        return rows, slot, uniq_pairs // (len(inverse) + 1)
+
+    def _copy_into(self, frames: np.ndarray, data: np.ndarray, rows: np.ndarray) -> None:
+        """Copy pages ``rows`` of ``data`` into ``frames``, once, straight into the pool."""
+        if not len(frames):
+            return
+        first = int(frames[0])
+        if int(frames[-1]) - first + 1 == len(frames) and (
+            len(frames) == 1 or bool(np.all(np.diff(frames.astype(np.int64)) == 1))
+        ):
+            np.take(data, rows, axis=0, out=self._pool.frames[first : first + len(frames)])
+        else:
+            self._pool.frames[frames] = data[rows]
 
     # -- reference counts ---------------------------------------------------
 
@@ -807,7 +888,7 @@ class FusionEngine:
             return checked, 0
         old = frames[candidates]
         target = canonical[candidates]
-        equal = (pool.words[old] == pool.words[target]).all(axis=1)
+        equal = self._equal_rows(pool.words, old, pool.words, target)
         candidates, old, target = candidates[equal], old[equal], target[equal]
         uniq, counts = np.unique(target, return_counts=True)
         room = pool.refcount[uniq].astype(np.int64) + counts <= MAX_REFCOUNT
@@ -903,8 +984,10 @@ class FusionEngine:
         assert machine.stable is not None
         n = len(fresh)
         frames = machine.map[first : first + n]
-        held = self._pool.words[frames]
-        changed = np.flatnonzero((held != fresh.view(np.uint64)).any(axis=1))
+        everything = np.arange(n)
+        changed = np.flatnonzero(
+            ~self._equal_rows(self._pool.words, frames, fresh.view(np.uint64), everything)
+        )
         stable = machine.stable[first : first + n]
         np.minimum(stable.astype(np.int16) + 1, _STABLE_MAX, out=stable, casting="unsafe")
         copied = 0
@@ -926,7 +1009,10 @@ class FusionEngine:
         own = machine.map[pages]
         index = self._index(machine.domain)
         keys, reps, inverse, counts, odd = self._group(self._arena, pool.words, own)
-        # reps are frame ids here (rows of the arena).
+        # reps are frame ids here (rows of the arena). Rows past what one frame
+        # can take stay where they are until a later scan.
+        stay, _, _ = self._overflow(inverse, counts, odd)
+        counts = np.minimum(counts, MAX_REFCOUNT)
         found = self._match(index, keys, reps, counts, pool.words, own=reps)
         keep = np.flatnonzero(found == 0)
         if len(keep):  # no equal frame yet: the group's first frame becomes canonical
@@ -935,6 +1021,8 @@ class FusionEngine:
         target = found[inverse]
         if len(odd):
             target[odd] = own[odd]
+        if len(stay):
+            target[stay] = own[stay]
         moved = np.flatnonzero(target != own)
         if not len(moved):
             return 0

@@ -6,8 +6,8 @@ huge pages. Frame ``f`` is the 4 KiB at ``f * PAGE_SIZE``. Frame 0 is the
 zero frame: never handed out, never written, so a guest page mapped to 0 is
 a ZERO page backed by no memory at all.
 
-Per frame the pool keeps a 16-bit reference count (the number of guest pages
-using it, like VirtualBox's shared-page refcount) and a flag byte the engine
+Per frame the pool keeps an 8-bit reference count (the number of guest pages
+using it, capped at 255 like KSM's max_page_sharing) and a flag byte the engine
 owns. Free frames sit on a stack; the stack is kept in descending order after
 large frees so that allocation reuses low frames first and high chunks drain.
 A chunk whose frames are all free is handed back to the operating system
@@ -31,7 +31,10 @@ from pagefusion.server.engine.errors import ResourceExhaustedError
 from pagefusion.server.engine.types import PAGE_SIZE
 
 CHUNK_FRAMES = 512  # 2 MiB: one transparent huge page
-MAX_REFCOUNT = 0xFFFF
+#: Users one frame may have (KSM's max_page_sharing is 256): past it, a new
+#: frame starts for the same content. One byte of refcount per frame keeps
+#: metadata under 8 bytes per guest page; the loss is at most 1/255.
+MAX_REFCOUNT = 0xFF
 _MAP_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000)
 
 
@@ -83,7 +86,7 @@ class FramePool:
     Attributes:
         frames: the arena as a (frames, 4096) uint8 array (rows are frames).
         words: the same memory as (frames, 512) uint64, for fast compares.
-        refcount: uint16 per frame.
+        refcount: uint8 per frame (at most MAX_REFCOUNT users).
         indexed: a bit per frame: the frame is in a fusion index.
         hinted: a bit per frame: the frame is the canonical frame of a
             module position on the hint path.
@@ -115,7 +118,7 @@ class FramePool:
         self._prefaulter = _Prefaulter.start(self.frames.ctypes.data)
         self._populated = 1  # frames below this are populated or handed out
         self.words = self.frames.view(np.uint64)
-        self.refcount = np.zeros(CHUNK_FRAMES, dtype=np.uint16)
+        self.refcount = np.zeros(CHUNK_FRAMES, dtype=np.uint8)
         self.indexed = FrameBits(CHUNK_FRAMES)
         self.hinted = FrameBits(CHUNK_FRAMES)
         self.used = 0
@@ -204,9 +207,16 @@ class FramePool:
 
     def alloc_one(self) -> int:
         """Hand out one frame; the fast path of copy on write."""
-        if self._nfree and self.used < self.max_frames:
-            self._nfree -= 1
-            frame = int(self._free[self._nfree])
+        if self.used < self.max_frames:
+            if self._nfree:
+                self._nfree -= 1
+                frame = int(self._free[self._nfree])
+            elif not self._released and self._hwm < len(self.refcount):
+                frame = self._hwm  # no numpy on the way: copy on write latency
+                self._hwm += 1
+                self._chunk_held[frame // CHUNK_FRAMES] = True
+            else:
+                return int(self.alloc(1)[0])
             self._chunk_used[frame // CHUNK_FRAMES] += 1
             self.used += 1
             return frame
@@ -273,7 +283,7 @@ class FramePool:
         # what is used, and copies stay rare.
         step = max(len(self.refcount) // 8, 8 * CHUNK_FRAMES)
         cap = min(-(-hwm // step) * step, self._reserved_frames)
-        refcount = np.zeros(cap, dtype=np.uint16)
+        refcount = np.zeros(cap, dtype=np.uint8)
         refcount[: len(self.refcount)] = self.refcount
         self.refcount = refcount
         self.indexed.grow(cap)

@@ -309,3 +309,30 @@ def test_stopping_a_large_machine_counts_instead_of_sorting(monkeypatch):
     h = e.stats().host
     assert (h.guest_pages, h.zero_pages, h.frames_used, h.pages_saved) == (13, 1, 3, 9)
     assert e.read("b", 0, len(mem)) == bytes(mem)
+
+
+def test_a_frame_takes_at_most_255_users_at_ingest():
+    e = engine()
+    e.start_machine("a", FakeMemory([(0, image(*[page(0xAB)] * 600))]), page_fusion=True)
+    h = e.stats().host
+    assert h.frames_used == 3  # 255 + 255 + 90
+    assert h.pages_saved == 597
+    assert max(e.page_info("a", i * PAGE).share_count for i in range(600)) == 255
+    e.start_machine("b", FakeMemory([(0, image(*[page(0xAB)] * 600))]), page_fusion=True)
+    h = e.stats().host
+    assert h.frames_used <= 6
+    assert_identity(e)
+    assert e.read("b", 0, 600 * PAGE) == page(0xAB) * 600
+    e.stop_machine("a")
+    assert_identity(e)
+
+
+def test_scans_fill_frames_up_to_the_limit_and_converge():
+    e = engine(config=FusionConfig(mode=FusionMode.HINTS))
+    e.start_machine("a", FakeMemory([(0, image(*[page(0xCD)] * 600))]), page_fusion=True)
+    e.set_config(FusionConfig(mode=FusionMode.CONTENT))
+    fused = [e.scan().pages_fused for _ in range(4)]
+    assert fused == [254, 254, 89, 0]
+    assert e.stats().host.frames_used == 3
+    assert_identity(e)
+    assert e.read("a", 0, 600 * PAGE) == page(0xCD) * 600
