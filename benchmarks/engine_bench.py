@@ -149,8 +149,8 @@ def main() -> None:
     gc.collect()
     h = engine.stats().host
     print(
-        f"RSS after stop (sources freed too): {rss_bytes() / 2**20:.0f} MiB; frames used {h.frames_used}, "
-        f"pool holds {h.frames_free} free frames"
+        f"RSS after stop (sources freed too): {rss_bytes() / 2**20:.0f} MiB; "
+        f"frames used {h.frames_used}, pool holds {h.frames_free} free frames"
     )
 
 
