@@ -319,3 +319,45 @@ def test_close_with_outstanding_views(tmp_path: Path) -> None:
     arr = np.frombuffer(view, np.uint8)
     mem.close()  # must not raise although a view is alive
     del arr, view
+
+
+@st.composite
+def _layouts(draw: st.DrawFn) -> list[CoreSegment]:
+    """Non-overlapping segments at byte addresses, ragged, some with a zero tail."""
+    segments = []
+    cursor = draw(st.integers(0, 3 * PAGE_SIZE))
+    for i in range(draw(st.integers(1, 5))):
+        filesz = draw(st.integers(1, 3 * PAGE_SIZE))
+        memsz = filesz + draw(st.sampled_from([0, 0, 1, PAGE_SIZE + 7]))
+        data = bytes([i + 1]) * filesz
+        segments.append(CoreSegment(cursor, data, memsz=memsz))
+        cursor += memsz + draw(st.integers(0, 2 * PAGE_SIZE))
+    order = draw(st.permutations(range(len(segments))))
+    return [segments[i] for i in order]
+
+
+@settings(
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(_layouts(), st.sampled_from([1, 8, PAGE_SIZE]))
+def test_any_layout_reads_like_the_model(
+    tmp_path: Path, segs: list[CoreSegment], align: int
+) -> None:
+    path = write_elf_core(tmp_path / "model.core", segs, align=align)
+    mem = _open(path)
+    model = bytearray(max(s.paddr + (s.memsz or len(s.data)) for s in segs) + 2 * PAGE_SIZE)
+    covered = set()
+    for s in segs:
+        model[s.paddr : s.paddr + len(s.data)] = s.data
+        end = s.paddr + (s.memsz or len(s.data))
+        covered |= set(range(s.paddr // PAGE_SIZE, -(-end // PAGE_SIZE)))
+    mapped = set()
+    for r in mem.ranges():
+        assert bytes(mem.read(r.address, r.size)) == bytes(model[r.address : r.end])
+        for page in range(r.address // PAGE_SIZE, r.end // PAGE_SIZE):
+            assert bytes(mem.read(page * PAGE_SIZE, PAGE_SIZE)) == bytes(
+                model[page * PAGE_SIZE : (page + 1) * PAGE_SIZE]
+            )
+            mapped.add(page)
+    assert mapped == covered  # exactly the pages a segment touches
+    mem.close()
