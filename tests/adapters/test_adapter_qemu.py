@@ -48,6 +48,7 @@ class Qemu:
                 pytest.skip(f"QEMU did not start: {err.strip()[:200]}")
             time.sleep(0.05)
         self.sock = socket.socket(socket.AF_UNIX)
+        self.sock.settimeout(120)  # a wedged QEMU fails the test instead of hanging it
         self.sock.connect(str(sock))
         self.io = self.sock.makefile("rw")
         self.io.readline()
