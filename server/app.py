@@ -15,6 +15,7 @@ import structlog
 from grpc import aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+
 from pagefusion.adapters.base import Adapter
 from pagefusion.adapters.registry import load_adapters
 from pagefusion.server.engine import FusionEngine
@@ -103,9 +104,8 @@ class PagefusionServer:
                 *settings.options,
             ],
         )
-        machine_pb2_grpc.add_MachineServiceServicer_to_server(
-            MachineServicer(self.inventory, self.engine, self.adapters, allowed), self._server
-        )
+        self._machines = MachineServicer(self.inventory, self.engine, self.adapters, allowed)
+        machine_pb2_grpc.add_MachineServiceServicer_to_server(self._machines, self._server)
         guest_memory_pb2_grpc.add_GuestMemoryServiceServicer_to_server(
             GuestMemoryServicer(self.inventory, self.engine), self._server
         )
@@ -150,6 +150,7 @@ class PagefusionServer:
         await self.health.enter_graceful_shutdown()
         self.metrics.close()  # ends WatchMetrics streams cleanly
         await self._server.stop(self.settings.grace_seconds if grace is None else grace)
+        await self._machines.drain()
         await self.sampler.stop()
         if self.prometheus is not None:
             self.prometheus.stop()
