@@ -24,7 +24,11 @@ The kinds, and what makes two machines' pages equal or not:
 ``duplicate`` and ``ff``
     Pages repeated within one machine, and all-0xFF pages.
 
-Every byte follows from (profile, size, seed): per-page content is a
+With option ``images=DIR`` module images come from real PE files instead
+(mapped as the loader maps them, with their real base relocations).
+
+Every byte follows from (profile, size, seed) (and the PE files, if any):
+per-page content is a
 template page from a fixed pool chosen by a 64-bit hash of (object, page),
 stamped with that hash at two hash-chosen words, so equal (object, page)
 means equal bytes and different means different, and synthesis is a numpy
