@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import time
 
 import grpc
 import pytest
@@ -383,3 +384,27 @@ def test_pool_budget_is_resource_exhausted(make_server, api_for, expect_failure)
     )
     assert failure.reason == "POOL_BUDGET_EXHAUSTED"
     assert api.get("vm").state == State.STATE_POWERED_OFF
+
+
+def test_list_page_size_is_capped_at_1000(api):
+    for i in range(1001):
+        api.create(f"vm-{i:04d}")
+    page = api.machines.ListMachines(pb.ListMachinesRequest(page_size=5000))
+    assert len(page.machines) == 1000
+    rest = api.machines.ListMachines(
+        pb.ListMachinesRequest(page_size=5000, page_token=page.next_page_token)
+    )
+    assert [m.name for m in rest.machines] == ["machines/vm-1000"]
+
+
+def test_start_finishes_when_the_caller_gives_up(api, gate_adapter):
+    api.create("vm", adapter="gate", options={"block": "read"})
+    future = api.machines.StartMachine.future(pb.StartMachineRequest(name="machines/vm"))
+    assert gate_adapter.gate.entered.wait(30)
+    future.cancel()
+    gate_adapter.gate.release.set()
+    deadline = time.monotonic() + 30
+    while api.get("vm").state == State.STATE_STARTING and time.monotonic() < deadline:
+        time.sleep(0.01)  # waiting for the server to finish, not asserting on time
+    assert api.get("vm").state == State.STATE_RUNNING
+    assert api.stop("vm").state == State.STATE_POWERED_OFF
