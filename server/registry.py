@@ -41,18 +41,24 @@ class Registry:
         self._lock_fd = _lock_data_dir(data_dir / LOCK_NAME)
         try:
             self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        except BaseException:
+            os.close(self._lock_fd)
+            raise
+        try:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
             self._migrate()
         except BaseException:
+            self._db.close()
             os.close(self._lock_fd)
             raise
 
     def _migrate(self) -> None:
         (version,) = self._db.execute("PRAGMA user_version").fetchone()
         if version > _SCHEMA_VERSION:
-            raise RuntimeError(
+            raise sqlite3.DatabaseError(
                 f"{self.path} has schema version {version}; this server knows {_SCHEMA_VERSION}"
+                " (written by a newer pagefusion-server)"
             )
         if version < 1:
             with self._transaction():
