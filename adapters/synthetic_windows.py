@@ -587,7 +587,9 @@ class SyntheticWindowsMemory(GuestMemory):
         # Real PE images replace the profile's module of the same name; others join it.
         real = {image.spec.name.lower(): image for image in images}
         candidates = [
-            real.pop(spec.name.lower(), None) or _synthetic_image(spec, arch, profile.fixup_pages)
+            real.pop(spec.name.lower())
+            if spec.name.lower() in real
+            else _synthetic_image(spec, arch, profile.fixup_pages)
             for spec in profile.modules
         ]
         candidates += real.values()
