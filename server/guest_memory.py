@@ -1,7 +1,8 @@
 """GuestMemoryService: reads, writes and page states of running machines.
 
-The hint-path RPCs (shared modules, as VirtualBox's guest agent drives them)
-land with their own issue; until then they answer UNIMPLEMENTED.
+The hint-path RPCs are VirtualBox's shared modules, as its guest agent
+drives them: the engine's module registry does the work (see
+pagefusion.server.engine.modules).
 """
 
 from __future__ import annotations
@@ -11,8 +12,9 @@ from typing import cast
 
 from grpc import aio
 
+from pagefusion.adapters.base import GuestModule, ModuleRegion
 from pagefusion.server.engine import FusionEngine
-from pagefusion.server.errors import failed_precondition, invalid_argument, unimplemented
+from pagefusion.server.errors import failed_precondition, invalid_argument
 from pagefusion.server.inventory import Inventory
 from pagefusion.server.resources import parse_machine_name
 from pagefusion.v1 import guest_memory_pb2 as pb
@@ -20,8 +22,6 @@ from pagefusion.v1 import guest_memory_pb2_grpc, machine_pb2
 
 #: Largest ReadGuestMemory / WriteGuestMemory transfer.
 MAX_TRANSFER_BYTES = 4 << 20
-
-_HINTS_LATER = "the shared-module hint path is not served yet"
 
 
 class GuestMemoryServicer(guest_memory_pb2_grpc.GuestMemoryServiceServicer):
@@ -79,29 +79,63 @@ class GuestMemoryServicer(guest_memory_pb2_grpc.GuestMemoryServiceServicer):
             state=cast(pb.PageState, int(info.state)), share_count=info.share_count
         )
 
-    # The hint path (VirtualBox's shared modules): served in a later issue.
+    # The hint path: VirtualBox's shared modules, driven by a guest agent.
 
     async def ListGuestModules(
         self, request: pb.ListGuestModulesRequest, context: aio.ServicerContext
     ) -> pb.ListGuestModulesResponse:
-        raise unimplemented("ListGuestModules", _HINTS_LATER)
+        machine_id = self._running(request.name)
+        modules = await asyncio.to_thread(self._engine.modules, machine_id)
+        return pb.ListGuestModulesResponse(modules=[module_to_proto(m) for m in modules])
 
     async def RegisterSharedModule(
         self, request: pb.RegisterSharedModuleRequest, context: aio.ServicerContext
     ) -> pb.RegisterSharedModuleResponse:
-        raise unimplemented("RegisterSharedModule", _HINTS_LATER)
+        machine_id = self._running(request.name)
+        module = module_from_proto(request.module)
+        await asyncio.to_thread(self._engine.register_module, machine_id, module)
+        return pb.RegisterSharedModuleResponse()
 
     async def UnregisterSharedModule(
         self, request: pb.UnregisterSharedModuleRequest, context: aio.ServicerContext
     ) -> pb.UnregisterSharedModuleResponse:
-        raise unimplemented("UnregisterSharedModule", _HINTS_LATER)
+        machine_id = self._running(request.name)
+        module = module_from_proto(request.module)
+        await asyncio.to_thread(self._engine.unregister_module, machine_id, module)
+        return pb.UnregisterSharedModuleResponse()
 
     async def CheckSharedModules(
         self, request: pb.CheckSharedModulesRequest, context: aio.ServicerContext
     ) -> pb.CheckSharedModulesResponse:
-        raise unimplemented("CheckSharedModules", _HINTS_LATER)
+        machine_id = self._running(request.name)
+        checked, fused = await asyncio.to_thread(self._engine.check_shared_modules, machine_id)
+        return pb.CheckSharedModulesResponse(pages_checked=checked, pages_fused=fused)
 
     async def GetPageSharingStatus(
         self, request: pb.GetPageSharingStatusRequest, context: aio.ServicerContext
     ) -> pb.GetPageSharingStatusResponse:
-        raise unimplemented("GetPageSharingStatus", _HINTS_LATER)
+        machine_id = self._running(request.name)
+        enabled = await asyncio.to_thread(self._engine.page_sharing_enabled, machine_id)
+        return pb.GetPageSharingStatusResponse(enabled=enabled)
+
+
+def module_to_proto(module: GuestModule) -> pb.SharedModule:
+    return pb.SharedModule(
+        module_name=module.module_name,
+        version=module.version,
+        base_address=module.base_address,
+        module_size=module.module_size,
+        guest_os=module.guest_os,
+        regions=[pb.SharedModuleRegion(address=r.address, size=r.size) for r in module.regions],
+    )
+
+
+def module_from_proto(module: pb.SharedModule) -> GuestModule:
+    return GuestModule(
+        module_name=module.module_name,
+        version=module.version,
+        base_address=module.base_address,
+        module_size=module.module_size,
+        guest_os=module.guest_os,
+        regions=tuple(ModuleRegion(r.address, r.size) for r in module.regions),
+    )
