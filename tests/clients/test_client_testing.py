@@ -83,3 +83,9 @@ def test_importing_the_plugin_is_cheap() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
     )
     assert json.loads(result.stdout) == []
+
+
+def test_pagefusion_testing_alias() -> None:
+    """DESIGN.md names the harness `pagefusion.testing` (mapped in pyproject)."""
+    alias = pytest.importorskip("pagefusion.testing")
+    assert alias.run_server is run_server
