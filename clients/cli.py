@@ -58,6 +58,10 @@ class _Stop(Exception):
     """SIGTERM or SIGINT asked a long-running verb to stop."""
 
 
+class _NoMetrics(Exception):
+    """``--list`` found no metric to list (VBoxManage reports this as an error)."""
+
+
 # -- argument parsing -----------------------------------------------------------
 
 
@@ -574,10 +578,6 @@ def _affected(out: Output, args: argparse.Namespace, metrics: Sequence[Any]) -> 
             raise _NoMetrics()
         out.text(formatting.format_affected_metrics(metrics))
     return EXIT_OK
-
-
-class _NoMetrics(Exception):
-    pass
 
 
 def cmd_metrics_setup(client: Any, args: argparse.Namespace, out: Output) -> int:
