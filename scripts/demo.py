@@ -60,7 +60,10 @@ def main() -> int:
                 with contextlib.suppress(PageFusionError):  # registered by an earlier run
                     client.register_shared_module(machine_id, module)
             check = client.check_shared_modules(machine_id)
-            hinted = f", hint path: {check.pages_fused} of {check.pages_checked} module pages fused"
+            hinted = (
+                f"; guest agent: {check.pages_checked} module pages checked,"
+                f" {check.pages_fused} more fused"
+            )
         print(
             f"  started {machine_id:<15} {profile:<13} {mib} MiB in {took:.2f} s"
             f" (page fusion {'on' if fusion else 'off'}{hinted})"
