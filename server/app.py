@@ -27,6 +27,7 @@ from pagefusion.server.machines import MachineServicer
 from pagefusion.server.performance import MetricsCollector, PerformanceServicer, Sampler
 from pagefusion.server.prometheus import PrometheusExporter
 from pagefusion.server.registry import Registry
+from pagefusion.server.scanner import BackgroundScanner
 from pagefusion.v1 import (
     fusion_pb2,
     fusion_pb2_grpc,
@@ -88,6 +89,7 @@ class PagefusionServer:
             self.engine, known=lambda machine_id: machine_id in self.inventory.ids()
         )
         self.sampler = Sampler(self.metrics)
+        self.scanner = BackgroundScanner(self.engine)
         self.prometheus = (
             PrometheusExporter(self.engine.stats, settings.metrics_listen)
             if settings.metrics_listen else None
@@ -130,6 +132,7 @@ class PagefusionServer:
             raise OSError(f"cannot listen on {self.settings.listen}")
         await self._server.start()
         self.sampler.start()
+        self.scanner.start()
         self._start_metrics()
         for service in ("", *SERVICE_NAMES):
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
@@ -151,6 +154,7 @@ class PagefusionServer:
         self.metrics.close()  # ends WatchMetrics streams cleanly
         await self._server.stop(self.settings.grace_seconds if grace is None else grace)
         await self._machines.drain()
+        await self.scanner.stop()
         await self.sampler.stop()
         if self.prometheus is not None:
             self.prometheus.stop()

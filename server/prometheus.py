@@ -95,7 +95,7 @@ class FusionCollector(Collector):
                                   "Scans that covered every running machine.",
                                   value=host.full_scans)
         yield GaugeMetricFamily(f"{NAMESPACE}_machines_running", "Running machines.",
-                                value=len(stats.machines))
+                                value=sum(1 for m in stats.machines if not m.starting))
 
         per_machine = (
             ("guest_bytes", "Mapped guest memory of a machine (Guest/RAM/Usage/Total).",

@@ -69,6 +69,7 @@ import numpy as np
 from pagefusion.adapters.base import GuestMemory, GuestModule, MemoryRange
 from pagefusion.server.engine.errors import (
     AlreadyExistsError,
+    EngineError,
     FailedPreconditionError,
     InvalidArgumentError,
     MachineNotRunningError,
@@ -128,6 +129,7 @@ class _Machine:
         self.running = False
         self.zero = 0
         self.live = bool(getattr(memory, "live", False))
+        self.source_error: str | None = None  # why the last scan could not read the source
         # Scans seen unchanged, per page; only live sources change by themselves.
         self.stable = np.full(total, _STABLE_MAX, dtype=np.uint8) if self.live else None
 
@@ -306,7 +308,8 @@ class FusionEngine:
         with self._lock:
             machine = self._running(machine_id)
             self._drop(machine)
-        machine.memory.close()
+        with contextlib.suppress(Exception):  # a vanished source must not block the stop
+            machine.memory.close()
 
     def is_running(self, machine_id: str) -> bool:
         with self._lock:
@@ -912,8 +915,14 @@ class FusionEngine:
         ``page_budget`` the scan resumes where the last budgeted scan
         stopped and examines at most that many pages (the background scanner).
 
+        A machine whose source fails (a segment that shrank or vanished) is
+        skipped and remembered as failed (``source_error`` in its stats);
+        the other machines are scanned all the same.
+
         Raises:
             MachineNotRunningError: a named machine is not running.
+            SourceFailedError: a named machine's source failed (after the
+                other named machines were scanned).
         """
         with self._lock:
             if machine_ids:
@@ -924,6 +933,7 @@ class FusionEngine:
                 ]
             cursor_id, cursor_page = self._scan_cursor if page_budget is not None else ("", 0)
         scanned = fused = copied = 0
+        failed: list[str] = []
         budget = page_budget if page_budget is not None else -1
         wrapped = True
         for machine in targets:
@@ -939,7 +949,16 @@ class FusionEngine:
                 n = min(BATCH_PAGES, machine.pages - pos)
                 if budget > 0:
                     n = min(n, budget)
-                done, f, c = self._scan_batch(machine, pos, n)
+                try:
+                    done, f, c = self._scan_batch(machine, pos, n)
+                except EngineError as exc:
+                    failed.append(machine.machine_id)
+                    machine.source_error = exc.message
+                    break
+                except Exception as exc:  # an adapter error: keep the other machines going
+                    failed.append(machine.machine_id)
+                    machine.source_error = str(exc)
+                    break
                 if done == 0:  # the machine stopped under us
                     break
                 pos += done
@@ -954,7 +973,24 @@ class FusionEngine:
             if wrapped:
                 self._full_scans += 1
                 self._scan_cursor = ("", 0)
-        return ScanResult(pages_scanned=scanned, pages_fused=fused, pages_copied_on_write=copied)
+        if machine_ids and failed:
+            raise SourceFailedError(
+                "the memory source of "
+                + ", ".join(f"machine {m!r} ({self._source_error(m)})" for m in failed)
+                + " failed; the machine keeps the memory it had; stop it to release it",
+                field="names",
+            )
+        return ScanResult(
+            pages_scanned=scanned,
+            pages_fused=fused,
+            pages_copied_on_write=copied,
+            failed_machines=tuple(failed),
+        )
+
+    def _source_error(self, machine_id: str) -> str:
+        with self._lock:
+            m = self._machines.get(machine_id)
+            return (m.source_error or "") if m is not None else ""
 
     def _scan_batch(self, machine: _Machine, first: int, n: int) -> tuple[int, int, int]:
         """Scan n pages from flat page ``first``; returns (pages done, fused, copied)."""
@@ -1051,6 +1087,8 @@ class FusionEngine:
                 )
             )
         return MachineStats(
+            starting=not machine.running,
+            source_error=machine.source_error or "",
             machine_id=machine.machine_id,
             guest_pages=machine.ingested,
             zero_pages=machine.zero,
@@ -1062,11 +1100,9 @@ class FusionEngine:
     def stats(self) -> FusionStats:
         """Host counters and one entry per running machine, from one instant."""
         with self._lock:
-            machines = tuple(
-                self._machine_stats(self._machines[k])
-                for k in sorted(self._machines)
-                if self._machines[k].running
-            )
+            # Machines still starting are included (flagged): their pages
+            # already hold frames, and the host figures count them.
+            machines = tuple(self._machine_stats(self._machines[k]) for k in sorted(self._machines))
             used = self._pool.used
             saved = self._guest_pages - self._zero_pages - used
             metadata = self._pool.metadata_bytes + sum(i.nbytes for i in self._indexes.values())

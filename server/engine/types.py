@@ -62,6 +62,8 @@ class MachineStats:
     private_pages: int
     shared_pages: int
     volatile_pages: int = 0
+    starting: bool = False  # still being ingested: counts cover the pages so far
+    source_error: str = ""  # why the last scan could not read the source, if it could not
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,3 +98,4 @@ class ScanResult:
     pages_scanned: int = 0
     pages_fused: int = 0
     pages_copied_on_write: int = 0
+    failed_machines: tuple[str, ...] = ()  # machines whose source could not be read

@@ -14,6 +14,7 @@ from pagefusion.server.engine import (
     OutOfRangeError,
     PageState,
     ResourceExhaustedError,
+    SourceFailedError,
 )
 
 
@@ -336,3 +337,49 @@ def test_scans_fill_frames_up_to_the_limit_and_converge():
     assert e.stats().host.frames_used == 3
     assert_identity(e)
     assert e.read("a", 0, 600 * PAGE) == page(0xCD) * 600
+
+
+class VanishingMemory(FakeMemory):
+    """A live source whose reads fail once ``gone`` is set (a segment removed)."""
+
+    gone = False
+
+    def read(self, address: int, length: int) -> bytes:
+        if self.gone:
+            raise OSError("segment vanished")
+        return super().read(address, length)
+
+
+def test_a_failing_live_source_is_skipped_and_reported():
+    e = engine()
+    bad = VanishingMemory([(0, image(page(1), page(2)))], live=True)
+    good = FakeMemory([(0, image(page(1), page(3)))], live=True)
+    e.start_machine("bad", bad, page_fusion=True)
+    e.start_machine("good", good, page_fusion=True)
+    bad.gone = True
+    good.blocks[0][1][PAGE : PAGE + 1] = b"\x07"
+    result = e.scan()
+    assert result.failed_machines == ("bad",)
+    assert result.pages_copied_on_write == 0 and e.read("good", PAGE, 1) == b"\x07"
+    stats = {m.machine_id: m for m in e.stats().machines}
+    assert "vanished" in stats["bad"].source_error
+    assert e.read("bad", 0, 2) == b"\x01\x01"  # what it had stays readable
+    with pytest.raises(SourceFailedError, match="'bad'"):
+        e.scan(["bad", "good"])
+    e.stop_machine("bad")
+    assert_identity(e)
+
+
+def test_stats_include_machines_still_starting():
+    e = engine()
+    seen = []
+
+    def progress(done: int, total: int) -> None:
+        stats = e.stats()
+        seen.append([(m.machine_id, m.starting, m.guest_pages) for m in stats.machines])
+        h = stats.host
+        assert h.guest_pages == sum(m.guest_pages for m in stats.machines)
+
+    e.start_machine("a", FakeMemory([(0, image(page(1)) * 3)]), page_fusion=True, progress=progress)
+    assert seen[-1] == [("a", True, 3)]
+    assert [m.starting for m in e.stats().machines] == [False]
