@@ -26,6 +26,7 @@ from pagefusion.server.errors import failed_precondition, invalid_argument
 from pagefusion.server.inventory import Inventory
 from pagefusion.server.resources import (
     MACHINE_ID_RE,
+    RESERVED_IDS,
     check_machine_id,
     machine_name,
     parse_machine_name,
@@ -84,6 +85,12 @@ class MachineServicer(machine_pb2_grpc.MachineServiceServicer):
         self, request: machine_pb2.CreateMachineRequest, context: aio.ServicerContext
     ) -> Machine:
         machine_id = check_machine_id(request.machine_id)
+        if machine_id in RESERVED_IDS:
+            # `host` names the host object of the performance metrics.
+            raise invalid_argument(
+                "machine_id",
+                f"machine id {machine_id!r} is reserved (it names the host in metrics)",
+            )
         machine = Machine()
         machine.CopyFrom(request.machine)
         machine.name = machine_name(machine_id)
@@ -108,9 +115,7 @@ class MachineServicer(machine_pb2_grpc.MachineServiceServicer):
         after = _decode_page_token(request.page_token) if request.page_token else ""
         ids = [i for i in self._inventory.ids() if i > after]
         page = ids[:page_size]
-        response = machine_pb2.ListMachinesResponse(
-            machines=[self._inventory.get(i) for i in page]
-        )
+        response = machine_pb2.ListMachinesResponse(machines=[self._inventory.get(i) for i in page])
         if len(ids) > page_size:
             response.next_page_token = _encode_page_token(page[-1])
         return response
@@ -230,16 +235,15 @@ class MachineServicer(machine_pb2_grpc.MachineServiceServicer):
                 machine.name,
                 f"the machine can be {verb} only when {state_name(state)}; "
                 f"it is {state_name(machine.state)}",
-                reason="MACHINE_NOT_RUNNING" if state == State.STATE_RUNNING
+                reason="MACHINE_NOT_RUNNING"
+                if state == State.STATE_RUNNING
                 else "MACHINE_NOT_POWERED_OFF",
             )
         return machine
 
     def _validate(self, machine: Machine) -> None:
         if len(machine.display_name) > MAX_DISPLAY_NAME:
-            raise invalid_argument(
-                "machine.display_name", f"at most {MAX_DISPLAY_NAME} characters"
-            )
+            raise invalid_argument("machine.display_name", f"at most {MAX_DISPLAY_NAME} characters")
         if len(machine.os_type) > MAX_OS_TYPE:
             raise invalid_argument("machine.os_type", f"at most {MAX_OS_TYPE} characters")
         if machine.memory_size_bytes % PAGE_SIZE_BYTES:
@@ -315,4 +319,3 @@ def _decode_page_token(token: str) -> str:
     if not MACHINE_ID_RE.fullmatch(last_id):
         raise invalid_argument("page_token", "invalid page token; pass next_page_token unchanged")
     return last_id
-

@@ -7,6 +7,8 @@ import re
 from pagefusion.server.errors import current_resource, invalid_argument
 
 MACHINE_ID_RE = re.compile(r"^[a-z][a-z0-9-]{0,62}$")
+#: Ids CreateMachine refuses: they name other objects (`host` in metrics).
+RESERVED_IDS = frozenset({"host"})
 COLLECTION = "machines"
 MACHINE_TYPE = "pagefusion.dev/Machine"
 _ID_RULE = "lowercase letters, digits and '-', 1 to 63 characters, starting with a letter"
@@ -34,6 +36,6 @@ def parse_machine_name(name: str, field: str = "name") -> str:
         raise invalid_argument(
             field, f"invalid machine name {name!r}: expected 'machines/{{machine_id}}'"
         )
-    machine_id = check_machine_id(name[len(prefix):], field)
+    machine_id = check_machine_id(name[len(prefix) :], field)
     current_resource.set(name)
     return machine_id

@@ -408,3 +408,14 @@ def test_start_finishes_when_the_caller_gives_up(api, gate_adapter):
         time.sleep(0.01)  # waiting for the server to finish, not asserting on time
     assert api.get("vm").state == State.STATE_RUNNING
     assert api.stop("vm").state == State.STATE_POWERED_OFF
+
+
+def test_create_refuses_the_reserved_id_host(api, expect_failure):
+    from pagefusion.v1 import machine_pb2
+
+    failure = expect_failure(
+        api.machines.CreateMachine,
+        machine_pb2.CreateMachineRequest(machine_id="host", machine=machine_pb2.Machine()),
+        grpc.StatusCode.INVALID_ARGUMENT,
+    )
+    assert failure.field_violations() == ["machine_id"]
