@@ -112,6 +112,10 @@ class GuestMemory:
         """Modules a guest agent would report; empty when the source cannot tell."""
         return ()
 
+    def idle(self) -> None:
+        """Optional: the engine finished a pass over this memory (ingest or a
+        scan); drop scratch buffers kept for reads. Reads may follow later."""
+
     def close(self) -> None:
         """Release files, mappings and segments. Called exactly once."""
 

@@ -101,6 +101,14 @@ _STABLE_MAX = 255
 _BINCOUNT_ABOVE = 65536
 
 
+def _idle(memory: GuestMemory) -> None:
+    """Tell a source a pass is over (optional in the interface; never fatal)."""
+    idle = getattr(memory, "idle", None)
+    if idle is not None:
+        with contextlib.suppress(Exception):
+            idle()
+
+
 class _Machine:
     """One machine's guest page map and where its pages came from."""
 
@@ -294,6 +302,7 @@ class FusionEngine:
                         self._ingest(machine, offset + first, data)
                     if progress is not None:
                         progress(machine.ingested, machine.pages)
+            _idle(memory)
             with self._lock:
                 machine.running = True
                 return self._machine_stats(machine)
@@ -969,6 +978,9 @@ class FusionEngine:
                     budget -= done
             if not wrapped:
                 break
+        for machine in targets:
+            if machine.live:
+                _idle(machine.memory)
         with self._lock:
             if wrapped:
                 self._full_scans += 1
