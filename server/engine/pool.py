@@ -125,8 +125,10 @@ class FramePool:
         self._hwm = 1  # frames below this have been handed out at least once
         self._free = np.zeros(CHUNK_FRAMES, dtype=np.uint32)
         self._nfree = 0
-        self._chunk_used = np.zeros(chunks, dtype=np.int32)
-        self._chunk_held = np.zeros(chunks, dtype=bool)
+        # Per chunk: frames in use (at most 512) and whether the pool holds it;
+        # grown with the frames, like the refcounts.
+        self._chunk_used = np.zeros(1, dtype=np.int16)
+        self._chunk_held = np.zeros(1, dtype=bool)
         self._released: list[int] = []
 
     # -- figures ------------------------------------------------------------
@@ -201,7 +203,7 @@ class FramePool:
         out = parts[0] if len(parts) == 1 else np.concatenate(parts)
         self._chunk_used += np.bincount(
             out // CHUNK_FRAMES, minlength=len(self._chunk_used)
-        ).astype(np.int32)
+        ).astype(np.int16)
         self.used += n
         return out
 
@@ -232,7 +234,7 @@ class FramePool:
         self.hinted.clear(frames)
         self._push(frames)
         counts = np.bincount(frames // CHUNK_FRAMES, minlength=len(self._chunk_used))
-        self._chunk_used -= counts.astype(np.int32)
+        self._chunk_used -= counts.astype(np.int16)
         self.used -= n
         touched = np.flatnonzero(counts)
         empty = touched[(self._chunk_used[touched] == 0) & self._chunk_held[touched]]
@@ -288,6 +290,12 @@ class FramePool:
         self.refcount = refcount
         self.indexed.grow(cap)
         self.hinted.grow(cap)
+        chunks = -(-cap // CHUNK_FRAMES)
+        used = np.zeros(chunks, dtype=np.int16)
+        used[: len(self._chunk_used)] = self._chunk_used
+        held = np.zeros(chunks, dtype=bool)
+        held[: len(self._chunk_held)] = self._chunk_held
+        self._chunk_used, self._chunk_held = used, held
 
     # -- first touch ----------------------------------------------------------
 
