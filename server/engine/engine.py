@@ -1045,10 +1045,22 @@ class FusionEngine:
         return copied
 
     def _fuse_existing(self, machine: _Machine, lo: int, hi: int) -> int:
-        """Fuse private, unindexed (and stable) pages in [lo, hi); returns pages fused."""
+        """Fuse this machine's unindexed (and stable) pages in [lo, hi).
+
+        Candidates are pages on frames the content index does not know:
+        private pages, and pages the hint path shared by position. A page
+        moves to an indexed frame with equal bytes when there is one; else
+        the first frame of its group joins the index and the others of the
+        group move to it. Only this machine's pages move (there is no
+        reverse map); other users of a frame move when their machine is
+        scanned. Returns the pages that moved.
+        """
         pool = self._pool
         frames = machine.map[lo:hi]
-        eligible = (frames != 0) & (pool.refcount[frames] == 1) & ~pool.indexed.get(frames)
+        # Full frames take no one and give no one away: they stay as they are.
+        eligible = (
+            (frames != 0) & ~pool.indexed.get(frames) & (pool.refcount[frames] < MAX_REFCOUNT)
+        )
         if machine.stable is not None:
             eligible &= machine.stable[lo:hi] >= self._config.stable_scans_before_merge
         pages = lo + np.flatnonzero(eligible)
@@ -1057,9 +1069,7 @@ class FusionEngine:
         own = machine.map[pages]
         index = self._index(machine.domain)
         keys, reps, inverse, counts, odd = self._group(self._arena, pool.words, own)
-        # reps are frame ids here (rows of the arena). Rows past what one frame
-        # can take stay where they are until a later scan.
-        stay, _, _ = self._overflow(inverse, counts, odd)
+        # reps are frame ids here (rows of the arena).
         counts = np.minimum(counts, MAX_REFCOUNT)
         found = self._match(index, keys, reps, counts, pool.words, own=reps)
         keep = np.flatnonzero(found == 0)
@@ -1069,17 +1079,27 @@ class FusionEngine:
         target = found[inverse]
         if len(odd):
             target[odd] = own[odd]
-        if len(stay):
-            target[stay] = own[stay]
         moved = np.flatnonzero(target != own)
         if not len(moved):
             return 0
+        moved = self._within_room(moved, target[moved])
         new_frames = target[moved]
         uniq, counts_moved = np.unique(new_frames, return_counts=True)
         self._incref(uniq, counts_moved)
         machine.map[pages[moved]] = new_frames
         self._decref(own[moved], machine.domain)
         return len(moved)
+
+    def _within_room(self, moves: np.ndarray, targets: np.ndarray) -> np.ndarray:
+        """The moves that fit: no target frame may pass MAX_REFCOUNT users.
+
+        Moves past a frame's room stay where they are until a later scan.
+        """
+        order = np.argsort(targets, kind="stable")
+        sorted_targets = targets[order]
+        rank = np.arange(len(order)) - np.searchsorted(sorted_targets, sorted_targets)
+        room = MAX_REFCOUNT - self._pool.refcount[sorted_targets].astype(np.int64)
+        return np.sort(moves[order[rank < room]])
 
     # -- figures ------------------------------------------------------------
 

@@ -40,10 +40,6 @@ class EngineModel(RuleBasedStateMachine):
         self.mode = FusionMode.ALL
         # name -> (fusion, domain, {address: bytearray page})
         self.machines: dict[str, tuple[bool, str, dict[int, bytearray]]] = {}
-        # Hint-path sharing is by position, not content: a content scan need
-        # not merge its frames with equal ones elsewhere, so maximal fusion is
-        # only asserted while no module was checked.
-        self.hinted = False
 
     # -- operations ----------------------------------------------------------
 
@@ -126,7 +122,7 @@ class EngineModel(RuleBasedStateMachine):
     @rule()
     def scan(self):
         self.engine.scan()
-        if self.mode.content and not self.hinted:
+        if self.mode.content:
             self.assert_fully_fused()
 
     # -- checks ---------------------------------------------------------------
@@ -235,7 +231,6 @@ class HintedEngineModel(EngineModel):
             self.engine.register_module(name, module)
         checked, fused = self.engine.check_shared_modules(name)
         assert fused <= checked
-        self.hinted = self.hinted or fused > 0
 
 
 TestHintedEngineModel = HintedEngineModel.TestCase
