@@ -18,6 +18,7 @@ from grpc_reflection.v1alpha import reflection
 
 from pagefusion.adapters.base import Adapter
 from pagefusion.adapters.registry import load_adapters
+from pagefusion.server.auth import Security
 from pagefusion.server.engine import FusionEngine
 from pagefusion.server.fusion import FusionServicer
 from pagefusion.server.guest_memory import MAX_TRANSFER_BYTES, GuestMemoryServicer
@@ -63,6 +64,15 @@ class Settings:
     max_pool_bytes: int | None = None
     #: Seconds in-flight calls get to finish on shutdown.
     grace_seconds: float = 10.0
+    #: TLS: certificate chain and key (both or neither), and the CA that
+    #: client certificates must be signed by (mutual TLS).
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None
+    #: Bearer tokens, one per line; every RPC but health and reflection needs one.
+    auth_token_file: Path | None = None
+    #: Allow a non-loopback --listen without TLS or caller authentication.
+    insecure: bool = False
     options: tuple[tuple[str, int], ...] = field(default_factory=tuple)
 
 
@@ -72,10 +82,19 @@ class PagefusionServer:
     Args:
         settings: flags.
         adapters: adapters by name; default: every installed adapter.
+
+    Raises:
+        ConfigError: the TLS and auth settings are inconsistent or their
+            files unusable (checked before anything is opened).
     """
 
     def __init__(self, settings: Settings, adapters: Mapping[str, Adapter] | None = None) -> None:
         self.settings = settings
+        self.security = Security.load(
+            listen=settings.listen, tls_cert=settings.tls_cert, tls_key=settings.tls_key,
+            tls_client_ca=settings.tls_client_ca, auth_token_file=settings.auth_token_file,
+            insecure=settings.insecure, metrics_listen=settings.metrics_listen,
+        )
         self.registry = Registry(settings.data_dir)
         self.engine = FusionEngine(
             max_pool_bytes=settings.max_pool_bytes, config=self.registry.load_fusion_config()
@@ -94,8 +113,12 @@ class PagefusionServer:
             PrometheusExporter(self.engine.stats, settings.metrics_listen)
             if settings.metrics_listen else None
         )
-        # gRPC server metrics outermost, so they see the status the call ends with.
+        # gRPC server metrics outermost, so they see the status the call ends with;
+        # the token check innermost, so the per-RPC log line records its refusals.
         interceptors: list[aio.ServerInterceptor] = [ServerInterceptor()]
+        auth = self.security.interceptor()
+        if auth is not None:
+            interceptors.append(auth)
         if self.prometheus is not None:
             interceptors.insert(0, self.prometheus.interceptor)
         self._server = aio.server(
@@ -124,8 +147,12 @@ class PagefusionServer:
 
     async def start(self) -> int:
         """Bind, start serving and report SERVING; returns the bound port."""
+        credentials = self.security.credentials
         try:
-            self.port = self._server.add_insecure_port(self.settings.listen)
+            if credentials is None:
+                self.port = self._server.add_insecure_port(self.settings.listen)
+            else:
+                self.port = self._server.add_secure_port(self.settings.listen, credentials)
         except RuntimeError as exc:  # grpc reports bind failures this way
             raise OSError(f"cannot listen on {self.settings.listen}: {exc}") from None
         if self.port == 0:
@@ -139,7 +166,7 @@ class PagefusionServer:
         log.info(
             "serving", listen=self.settings.listen, port=self.port,
             data_dir=str(self.settings.data_dir), adapters=sorted(self.adapters),
-            machines=len(self.inventory.ids()),
+            machines=len(self.inventory.ids()), **self.security.describe(),
         )
         return self.port
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import structlog
 
 from pagefusion.server.app import PagefusionServer, Settings
+from pagefusion.server.auth import ConfigError
 from pagefusion.server.logs import configure_logging
 
 log = structlog.get_logger("pagefusion.server")
@@ -53,6 +54,20 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="write the bound port to FILE once serving (for --listen ...:0)")
     parser.add_argument("--grace", type=float, default=10.0, metavar="SECONDS",
                         help="seconds in-flight calls get on shutdown (default: %(default)s)")
+    security = parser.add_argument_group(
+        "security", "TLS and caller authentication; see the README's Security section")
+    security.add_argument("--tls-cert", type=Path, metavar="FILE",
+                          help="serve TLS with this PEM certificate chain (needs --tls-key)")
+    security.add_argument("--tls-key", type=Path, metavar="FILE",
+                          help="the PEM private key of --tls-cert")
+    security.add_argument("--tls-client-ca", type=Path, metavar="FILE",
+                          help="require client certificates signed by these PEM CAs (mutual TLS)")
+    security.add_argument("--auth-token-file", type=Path, metavar="FILE",
+                          help="require 'authorization: Bearer <token>' on every RPC but health "
+                               "and reflection; FILE holds the valid tokens, one per line")
+    security.add_argument("--insecure", action="store_true",
+                          help="allow a non-loopback --listen without TLS or caller "
+                               "authentication (the network must be secured otherwise)")
     return parser.parse_args(argv)
 
 
@@ -83,10 +98,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         metrics_listen=args.metrics_listen,
         max_pool_bytes=args.max_pool_bytes,
         grace_seconds=args.grace,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        tls_client_ca=args.tls_client_ca,
+        auth_token_file=args.auth_token_file,
+        insecure=args.insecure,
     )
     try:
         asyncio.run(serve(settings, args.port_file))
-    except (OSError, sqlite3.Error) as exc:
+    except (OSError, sqlite3.Error, ConfigError) as exc:
         log.error("startup_failed", error=str(exc))
         return 1
     return 0
