@@ -15,9 +15,14 @@ Verbs::
     guest-agent NAME [--interval SECONDS] [--once]
 
 The server comes from ``--server HOST:PORT``, else ``$PAGEFUSION_SERVER``,
-else 127.0.0.1:50051. A machine NAME is its id, its resource name
-(``machines/ID``) or its display name. Any failure exits non-zero with one
-line on stderr (``pagefusion: error: NOT_FOUND: ...``); usage errors exit 2.
+else 127.0.0.1:50051. A server started with ``--auth-token-file`` wants a
+token: ``--token-file FILE``, else ``--token TOKEN`` (visible to other users
+in ``ps``), else ``$PAGEFUSION_TOKEN``. A TLS server wants ``--tls-ca FILE``
+(or ``$PAGEFUSION_TLS_CA``; ``--tls`` alone trusts the system's roots), and
+one started with ``--tls-client-ca`` also ``--tls-cert FILE --tls-key FILE``.
+A machine NAME is its id, its resource name (``machines/ID``) or its display
+name. Any failure exits non-zero with one line on stderr
+(``pagefusion: error: NOT_FOUND: ...``); usage errors exit 2.
 ``--json`` prints the responses as JSON (protobuf's JSON mapping, field
 names as in the protos) for scripts.
 """
@@ -38,6 +43,8 @@ from typing import IO, Any, NoReturn
 
 PROG = "pagefusion"
 SERVER_ENV = "PAGEFUSION_SERVER"
+TOKEN_ENV = "PAGEFUSION_TOKEN"
+TLS_CA_ENV = "PAGEFUSION_TLS_CA"
 DEFAULT_SERVER = "127.0.0.1:50051"
 
 EXIT_OK = 0
@@ -120,7 +127,7 @@ def _source(value: str) -> tuple[str, dict[str, str]]:
 
 
 def _global_options(parser: argparse.ArgumentParser, *, suppress: bool) -> None:
-    """--server/--json/--timeout, accepted before or after the verb."""
+    """--server/--json/--timeout and the security flags, accepted before or after the verb."""
 
     def default(value: Any) -> Any:
         return argparse.SUPPRESS if suppress else value
@@ -140,6 +147,34 @@ def _global_options(parser: argparse.ArgumentParser, *, suppress: bool) -> None:
         metavar="SECONDS",
         default=default(30.0),
         help="deadline of each call (default 30; startvm/controlvm/scans wait as long as needed)",
+    )
+    parser.add_argument(
+        "--token", metavar="TOKEN", default=default(None),
+        help=f"bearer token for the server's --auth-token-file (default: ${TOKEN_ENV}); "
+             "prefer --token-file or the variable: arguments show in ps",
+    )
+    parser.add_argument(
+        "--token-file", metavar="FILE", default=default(None),
+        help="read the bearer token from the first line of FILE",
+    )
+    parser.add_argument(
+        "--tls", action="store_true", default=default(False),
+        help="connect with TLS, trusting the system's roots (implied by --tls-ca)",
+    )
+    parser.add_argument(
+        "--tls-ca", metavar="FILE", default=default(None),
+        help=f"connect with TLS, trusting the CA certificates in FILE (default: ${TLS_CA_ENV})",
+    )
+    parser.add_argument(
+        "--tls-cert", metavar="FILE", default=default(None),
+        help="client certificate (PEM) for a server started with --tls-client-ca",
+    )
+    parser.add_argument(
+        "--tls-key", metavar="FILE", default=default(None), help="the key of --tls-cert (PEM)"
+    )
+    parser.add_argument(
+        "--tls-server-name", metavar="NAME", default=default(None),
+        help="the name the server's certificate must carry, if not the --server host",
     )
 
 
@@ -699,6 +734,58 @@ def server_address(args: argparse.Namespace) -> str:
     return args.server or os.environ.get(SERVER_ENV) or DEFAULT_SERVER
 
 
+def _read_token_file(path: str) -> str:
+    try:
+        with open(path, encoding="utf-8", errors="strict") as file:
+            lines = [line.strip() for line in file]
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+        raise UsageError(f"--token-file: cannot read {path}: {reason}") from None
+    token = next((line for line in lines if line and not line.startswith("#")), "")
+    if not token:
+        raise UsageError(f"--token-file: {path} holds no token")
+    return token
+
+
+def connection_options(args: argparse.Namespace) -> dict[str, Any]:
+    """``PageFusionClient`` keyword arguments from the security flags and environment.
+
+    Raises:
+        UsageError: contradictory flags or an unreadable token file.
+    """
+    if args.token is not None and args.token_file is not None:
+        raise UsageError("give --token or --token-file, not both")
+    if (args.tls_cert is None) != (args.tls_key is None):
+        raise UsageError("--tls-cert and --tls-key go together")
+    token = args.token
+    if args.token_file is not None:
+        token = _read_token_file(args.token_file)
+    elif token is None:
+        token = os.environ.get(TOKEN_ENV) or None
+    tls_ca = args.tls_ca or os.environ.get(TLS_CA_ENV) or None
+    options: dict[str, Any] = {"token": token, "tls": bool(args.tls)}
+    for key, value in (("tls_ca", tls_ca), ("tls_cert", args.tls_cert),
+                       ("tls_key", args.tls_key), ("tls_server_name", args.tls_server_name)):
+        if value is not None:
+            options[key] = value
+    return options
+
+
+def _unavailable_hint(message: str, options: dict[str, Any]) -> str:
+    """Why an UNAVAILABLE looks like a TLS mismatch, if it does."""
+    lowered = message.lower()
+    tls = options.get("tls") or "tls_ca" in options or "tls_cert" in options
+    if not tls and ("socket closed" in lowered or "connection reset" in lowered):
+        return " (a TLS server? use --tls-ca FILE)"
+    if tls and "socket closed" in lowered and "tls_cert" not in options:
+        return " (TLS failed: the server may want a client certificate: --tls-cert/--tls-key)"
+    if tls and ("handshake" in lowered or "ssl" in lowered or "certificate" in lowered):
+        if "certificate" in lowered and "tls_cert" not in options:
+            return " (TLS failed: the server may want a client certificate: --tls-cert/--tls-key)"
+        return " (TLS failed: check --tls-ca, --tls-cert/--tls-key and --tls-server-name)"
+    return ""
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit status."""
     try:
@@ -716,13 +803,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     target = server_address(args)
     out = Output(as_json=args.json)
     try:
-        with PageFusionClient(target, timeout=args.timeout) as client:
+        options = connection_options(args)
+    except UsageError as exc:
+        _error_line(str(exc))
+        return EXIT_USAGE
+    try:
+        with PageFusionClient(target, timeout=args.timeout, **options) as client:
             return int(args.handler(client, args, out))
     except PageFusionError as exc:
         message = exc.message
         if exc.code.name == "UNAVAILABLE":
-            message = f"cannot reach pagefusion server at {target}: {message}"
-        _error_line(f"{exc.code.name}: {message}")
+            hint = _unavailable_hint(message, options)
+            message = f"cannot reach pagefusion server at {target}: {message}{hint}"
+        _error_line(f"{exc.code.name}: {' '.join(message.split())}")
         return EXIT_FAILURE
     except UsageError as exc:
         _error_line(str(exc))
@@ -742,6 +835,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as exc:
         _error_line(str(exc))
         return EXIT_USAGE
+    except OSError as exc:  # e.g. an unreadable --tls-ca; the message names the file
+        _error_line(exc.strerror or str(exc))
+        return EXIT_FAILURE
     except Exception as exc:  # a bug here; still one line, never a traceback
         _error_line(f"internal error: {type(exc).__name__}: {exc}")
         return EXIT_FAILURE

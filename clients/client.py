@@ -19,9 +19,11 @@ Example::
 
 from __future__ import annotations
 
+import os
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
 
@@ -51,6 +53,8 @@ __all__ = [
     "MAX_TRANSFER_BYTES",
     "PageFusionClient",
     "PageFusionError",
+    "bearer_metadata",
+    "channel_credentials",
     "machine_name",
     "parse_machine_name",
 ]
@@ -60,6 +64,7 @@ DEFAULT_TARGET = "127.0.0.1:50051"
 #: WriteGuestMemory call; the client splits larger transfers.
 MAX_TRANSFER_BYTES = 4 * 1024 * 1024
 REQUEST_ID_KEY = "x-request-id"
+AUTHORIZATION_KEY = "authorization"
 
 _MESSAGE_LIMIT = MAX_TRANSFER_BYTES + 1024 * 1024
 _CHANNEL_OPTIONS: tuple[tuple[str, Any], ...] = (
@@ -74,6 +79,56 @@ _FUSION_MODES = {
 }
 
 T = TypeVar("T")
+
+#: A PEM file: its path, or its contents as bytes.
+PemSource = str | os.PathLike[str] | bytes
+
+
+def _pem(what: str, source: PemSource | None) -> bytes | None:
+    if source is None or isinstance(source, bytes):
+        return source
+    try:
+        return Path(source).read_bytes()
+    except OSError as exc:
+        raise OSError(exc.errno, f"{what}: cannot read {source}: {exc.strerror or exc}") from None
+
+
+def channel_credentials(
+    tls_ca: PemSource | None = None,
+    tls_cert: PemSource | None = None,
+    tls_key: PemSource | None = None,
+) -> grpc.ChannelCredentials:
+    """TLS channel credentials from PEM files (paths) or PEM bytes.
+
+    Args:
+        tls_ca: CA certificates the server's certificate must chain to;
+            None: the system's trusted roots.
+        tls_cert, tls_key: a client certificate and its key, for servers
+            that require them (mutual TLS); both or neither.
+
+    Raises:
+        ValueError: only one of ``tls_cert`` and ``tls_key``.
+        OSError: a file cannot be read (the message names it).
+    """
+    if (tls_cert is None) != (tls_key is None):
+        raise ValueError("a client certificate needs both tls_cert and tls_key")
+    return grpc.ssl_channel_credentials(
+        root_certificates=_pem("TLS CA", tls_ca),
+        private_key=_pem("TLS client key", tls_key),
+        certificate_chain=_pem("TLS client certificate", tls_cert),
+    )
+
+
+def bearer_metadata(token: str) -> tuple[str, str]:
+    """The ``authorization`` metadata pair that carries ``token``.
+
+    Raises:
+        ValueError: the token is empty or not printable ASCII without spaces.
+    """
+    token = token.strip()
+    if not token or not all(0x21 <= ord(char) <= 0x7E for char in token):
+        raise ValueError("a token must be non-empty printable ASCII without spaces")
+    return (AUTHORIZATION_KEY, f"Bearer {token}")
 
 
 class _Default:
@@ -123,11 +178,27 @@ class PageFusionClient:
         long_timeout: deadline of the calls that may take long
             (StartMachine, StopMachine, RunScan, CheckSharedModules);
             None means no deadline.
-        metadata: extra metadata sent with every call (e.g. authorization).
-        credentials: channel credentials for TLS; None for plaintext.
+        metadata: extra metadata sent with every call.
+        credentials: channel credentials for TLS; None for plaintext
+            (unless a ``tls_*`` argument or ``tls`` asks for TLS).
         options: extra gRPC channel options.
         channel: an existing channel to use instead of opening one; the
             client then does not close it.
+        token: a bearer token sent as ``authorization: Bearer <token>``
+            with every call (servers started with ``--auth-token-file``).
+        tls: True to use TLS with the system's trusted roots; implied by
+            ``tls_ca``, ``tls_cert`` and ``tls_key``.
+        tls_ca: CA certificates (PEM path or bytes) the server's certificate
+            must chain to.
+        tls_cert, tls_key: client certificate and key (PEM path or bytes),
+            for servers started with ``--tls-client-ca``.
+        tls_server_name: the name the server's certificate must carry when
+            it differs from the target's host (e.g. connecting by address).
+
+    Raises:
+        ValueError: inconsistent arguments (e.g. ``tls_cert`` without
+            ``tls_key``, TLS arguments together with ``credentials``).
+        OSError: a TLS file cannot be read.
     """
 
     def __init__(
@@ -140,14 +211,29 @@ class PageFusionClient:
         credentials: grpc.ChannelCredentials | None = None,
         options: Sequence[tuple[str, Any]] = (),
         channel: grpc.Channel | None = None,
+        token: str | None = None,
+        tls: bool = False,
+        tls_ca: PemSource | None = None,
+        tls_cert: PemSource | None = None,
+        tls_key: PemSource | None = None,
+        tls_server_name: str | None = None,
     ) -> None:
         self.target = target
         self.timeout = timeout
         self.long_timeout = long_timeout
         self.metadata: tuple[tuple[str, str], ...] = tuple(metadata)
+        if token is not None:
+            self.metadata += (bearer_metadata(token),)
+        wants_tls = tls or any(item is not None for item in (tls_ca, tls_cert, tls_key))
+        if wants_tls:
+            if credentials is not None:
+                raise ValueError("pass either credentials or tls/tls_ca/tls_cert/tls_key")
+            credentials = channel_credentials(tls_ca, tls_cert, tls_key)
         self._owns_channel = channel is None
         if channel is None:
             all_options = [*_CHANNEL_OPTIONS, *options]
+            if tls_server_name:
+                all_options.append(("grpc.ssl_target_name_override", tls_server_name))
             if credentials is None:
                 channel = grpc.insecure_channel(target, options=all_options)
             else:

@@ -17,6 +17,17 @@ Without pytest::
     with run_server() as server, server.client() as client:
         client.create_machine("w10", memory_source="synthetic-windows")
 
+With TLS and tokens (:func:`make_tls_files` writes a throwaway CA, server
+and client certificate; it needs the ``cryptography`` package)::
+
+    files = make_tls_files(tmp_path)
+    (tmp_path / "tokens").write_text("s3cret-token-for-tests\n")
+    with run_server(extra_args=[*files.server_args(client_ca=True),
+                                "--auth-token-file", str(tmp_path / "tokens")],
+                    tls=files, token="s3cret-token-for-tests") as server:
+        with server.client() as client:  # TLS, client certificate and token
+            ...
+
 Importing this module is cheap (pytest loads every installed plugin on every
 run): gRPC, the generated code and the server are imported only when a
 fixture or :func:`run_server` is used.
@@ -40,7 +51,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from pagefusion.clients.client import PageFusionClient
 
-__all__ = ["RunningServer", "ServerStartError", "run_server"]
+__all__ = ["RunningServer", "ServerStartError", "TlsFiles", "make_tls_files", "run_server"]
 
 STARTUP_TIMEOUT = 30.0
 SHUTDOWN_TIMEOUT = 15.0
@@ -52,9 +63,113 @@ class ServerStartError(RuntimeError):
     """The server did not come up; the message includes its stderr."""
 
 
+@dataclass(frozen=True)
+class TlsFiles:
+    """PEM files of a throwaway PKI for tests (see :func:`make_tls_files`)."""
+
+    ca: Path
+    server_cert: Path
+    server_key: Path
+    client_cert: Path
+    client_key: Path
+
+    def server_args(self, *, client_ca: bool = False) -> list[str]:
+        """``pagefusion-server`` flags serving TLS; ``client_ca``: also require client certs."""
+        args = ["--tls-cert", str(self.server_cert), "--tls-key", str(self.server_key)]
+        return [*args, "--tls-client-ca", str(self.ca)] if client_ca else args
+
+    def client_kwargs(self, *, client_cert: bool = True) -> dict[str, Path]:
+        """``PageFusionClient`` arguments: the CA, and the client certificate if asked."""
+        kwargs = {"tls_ca": self.ca}
+        if client_cert:
+            kwargs |= {"tls_cert": self.client_cert, "tls_key": self.client_key}
+        return kwargs
+
+
+def make_tls_files(directory: str | os.PathLike[str], *, days: int = 2) -> TlsFiles:
+    """Write a throwaway CA, a server certificate and a client certificate into ``directory``.
+
+    The server certificate is valid for ``localhost``, ``127.0.0.1`` and
+    ``::1``; both certificates are signed by the CA. Needs the
+    ``cryptography`` package (``pip install 'pagefusion[dev]'``). For tests
+    only: the keys are written unencrypted.
+    """
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    now = datetime.datetime.now(datetime.UTC)
+
+    def name(common: str) -> x509.Name:
+        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common)])
+
+    def write_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
+        path.write_bytes(key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption()))
+        path.chmod(0o600)
+
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_cert = (
+        x509.CertificateBuilder()
+        .subject_name(name("pagefusion test CA")).issuer_name(name("pagefusion test CA"))
+        .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=days))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(x509.KeyUsage(
+            digital_signature=True, content_commitment=False, key_encipherment=False,
+            data_encipherment=False, key_agreement=False, key_cert_sign=True, crl_sign=True,
+            encipher_only=False, decipher_only=False), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
+
+    def leaf(common: str, usage: x509.ObjectIdentifier,
+             names: list[x509.GeneralName]) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+        key = ec.generate_private_key(ec.SECP256R1())
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(name(common)).issuer_name(ca_cert.subject)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=days))
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+        )
+        if names:
+            builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
+        return builder.sign(ca_key, hashes.SHA256()), key
+
+    server_cert, server_key = leaf("localhost", ExtendedKeyUsageOID.SERVER_AUTH, [
+        x509.DNSName("localhost"),
+        x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+        x509.IPAddress(ipaddress.ip_address("::1")),
+    ])
+    client_cert, client_key = leaf("pagefusion test client", ExtendedKeyUsageOID.CLIENT_AUTH, [])
+    files = TlsFiles(out / "ca.pem", out / "server.pem", out / "server-key.pem",
+                     out / "client.pem", out / "client-key.pem")
+    pem = serialization.Encoding.PEM
+    files.ca.write_bytes(ca_cert.public_bytes(pem))
+    files.server_cert.write_bytes(server_cert.public_bytes(pem))
+    files.client_cert.write_bytes(client_cert.public_bytes(pem))
+    write_key(files.server_key, server_key)
+    write_key(files.client_key, client_key)
+    return files
+
+
 @dataclass
 class RunningServer:
-    """A pagefusion server subprocess started by :func:`run_server`."""
+    """A pagefusion server subprocess started by :func:`run_server`.
+
+    ``client_kwargs`` (TLS files, token) are what :meth:`client` passes to
+    every client it opens, unless overridden.
+    """
 
     address: str
     data_dir: Path
@@ -62,6 +177,7 @@ class RunningServer:
     process: subprocess.Popen[bytes]
     log_path: Path
     argv: list[str] = field(default_factory=list)
+    client_kwargs: dict[str, Any] = field(default_factory=dict)
 
     @property
     def port(self) -> int:
@@ -75,7 +191,7 @@ class RunningServer:
         """A new client connected to this server (close it, or use ``with``)."""
         from pagefusion.clients.client import PageFusionClient
 
-        return PageFusionClient(self.address, **kwargs)
+        return PageFusionClient(self.address, **{**self.client_kwargs, **kwargs})
 
     def stderr_text(self) -> str:
         """Everything the server wrote to stderr so far (its logs)."""
@@ -114,8 +230,13 @@ def _wait_ready(server: RunningServer, port_file: Path | None, timeout: float) -
     if port_file is not None:
         server.address = f"127.0.0.1:{int(port_file.read_text().strip())}"
     last = "no answer"
-    with grpc.insecure_channel(server.address) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
+    # Health needs no token, but over TLS the handshake needs the CA (and,
+    # with --tls-client-ca, a client certificate): the client's own channel.
+    from pagefusion.clients.client import PageFusionClient
+
+    kwargs = {key: value for key, value in server.client_kwargs.items() if key != "token"}
+    with PageFusionClient(server.address, **kwargs) as health_client:
+        stub = health_pb2_grpc.HealthStub(health_client.channel)
         while True:
             _check_alive(server)
             remaining = deadline - time.monotonic()
@@ -157,6 +278,11 @@ def run_server(
     extra_args: Sequence[str] = (),
     env: dict[str, str] | None = None,
     startup_timeout: float = STARTUP_TIMEOUT,
+    tls: TlsFiles | None = None,
+    tls_ca: str | os.PathLike[str] | None = None,
+    tls_cert: str | os.PathLike[str] | None = None,
+    tls_key: str | os.PathLike[str] | None = None,
+    token: str | None = None,
 ) -> Iterator[RunningServer]:
     """Start a pagefusion server subprocess; stop it (SIGTERM) on exit.
 
@@ -169,6 +295,14 @@ def run_server(
         extra_args: more ``pagefusion-server`` flags.
         env: the server's environment (default: this process's).
         startup_timeout: seconds to wait for the health service to say SERVING.
+        tls: a :func:`make_tls_files` PKI the server uses (``extra_args``
+            still choose the flags): the harness and :meth:`RunningServer.client`
+            trust its CA and present its client certificate. The same as
+            ``tls_ca``/``tls_cert``/``tls_key`` set to its files.
+        tls_ca: the CA to trust when the server serves TLS (``--tls-cert``).
+        tls_cert, tls_key: a client certificate, for ``--tls-client-ca``.
+        token: the bearer token clients send (``--auth-token-file``); the
+            health check needs none.
 
     Raises:
         ServerStartError: the server exited or was not SERVING in time; the
@@ -204,7 +338,14 @@ def run_server(
         process = subprocess.Popen(
             argv, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT, env=env
         )
-        server = RunningServer(listen, data, allow, process, log_path, argv)
+        client_kwargs: dict[str, Any] = {}
+        if tls is not None:
+            client_kwargs |= tls.client_kwargs()
+        for key, value in (("tls_ca", tls_ca), ("tls_cert", tls_cert), ("tls_key", tls_key),
+                           ("token", token)):
+            if value is not None:
+                client_kwargs[key] = value
+        server = RunningServer(listen, data, allow, process, log_path, argv, client_kwargs)
         stack.callback(server.stop)
         _wait_ready(server, port_file, startup_timeout)
         yield server
