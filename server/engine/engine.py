@@ -18,8 +18,9 @@ writing a SHARED page first gives the writer its own copy (copy on write).
 The data structures, and why they are shaped this way:
 
 * The frame pool (pool.py): one reserved anonymous mapping carved into 4 KiB
-  frames with an 8-bit refcount each (at most 255 users, like KSM's
-  max_page_sharing; a 256th copy starts a new frame), grown in 2 MiB huge-page chunks and
+  frames with a one-byte refcount each (the few frames with 255 users or
+  more keep their true count on the side; at 65,535 users, VirtualBox's
+  limit, a new frame starts), grown in 2 MiB huge-page chunks and
   shrunk by handing fully free chunks back to the kernel. The pool, not
   Python objects, is what the host pays for.
 * Guest page maps: per machine one uint32 array, guest page -> frame id
@@ -451,7 +452,7 @@ class FusionEngine:
                 continue
             if not np.array_equal(pool.words[frame], page):
                 continue
-            users = int(pool.refcount[frame])
+            users = pool.ref(frame)
             if users + extra <= MAX_REFCOUNT:
                 return frame
             if users >= MAX_REFCOUNT:
@@ -526,7 +527,7 @@ class FusionEngine:
             return found
         frames = cand[has]
         ok = pool.indexed.get(frames)
-        ok &= pool.refcount[frames].astype(np.int64) + counts[has] <= MAX_REFCOUNT
+        ok &= pool.refs(frames) + counts[has] <= MAX_REFCOUNT
         if own is not None:
             ok &= frames != own[has]
         good = has[ok]
@@ -568,7 +569,7 @@ class FusionEngine:
         if len(new):
             frames = fresh[: len(new)]
             self._copy_into(frames, data, reps[new])
-            pool.refcount[frames] = counts[new]
+            pool.set_refs(frames, counts[new])
             self._frames_shared += int(np.count_nonzero(counts[new] >= 2))
             self._insert(index, keys[new], frames)
             found[new] = frames
@@ -583,7 +584,7 @@ class FusionEngine:
             spill = rest[len(odd) :]
             self._copy_into(spill, data, reps[extra_groups])
             users = np.bincount(extra_slot, minlength=len(extra_groups))
-            pool.refcount[spill] = users
+            pool.set_refs(spill, users)
             self._frames_shared += int(np.count_nonzero(users >= 2))
             out[extra_rows] = spill[extra_slot]
         return out
@@ -631,11 +632,10 @@ class FusionEngine:
         """Add counts[i] users to distinct frames[i]."""
         if not len(frames):
             return
-        rc = self._pool.refcount
-        before = rc[frames].astype(np.int64)
+        before = self._pool.refs(frames)
         after = before + counts
         self._frames_shared += int(np.count_nonzero((after >= 2) & (before < 2)))
-        rc[frames] = after
+        self._pool.set_refs(frames, after)
 
     def _decref(self, frames: np.ndarray, domain: str) -> None:
         """Drop one user per entry of ``frames`` (repeats allowed); free frames left unused."""
@@ -650,10 +650,10 @@ class FusionEngine:
             uniq, counts = np.unique(frames, return_counts=True)
         else:
             uniq, counts = frames, np.ones(1, dtype=np.int64)
-        before = pool.refcount[uniq].astype(np.int64)
+        before = pool.refs(uniq)
         after = before - counts
         self._frames_shared -= int(np.count_nonzero((before >= 2) & (after < 2)))
-        pool.refcount[uniq] = after
+        pool.set_refs(uniq, after)
         freed = uniq[after == 0]
         self._unindex(freed[pool.indexed.get(freed)], domain)
         self._modules.forget_frames(domain, freed[pool.hinted.get(freed)])
@@ -768,8 +768,9 @@ class FusionEngine:
         arena[dest : dest + PAGE_SIZE] = arena[start : start + PAGE_SIZE]
         arena[dest + lo : dest + lo + len(chunk)] = chunk
         pool.refcount[new] = 1
-        pool.refcount[frame] -= 1
-        if pool.refcount[frame] == 1:
+        users = pool.ref(frame) - 1
+        pool.set_ref(frame, users)
+        if users == 1:
             self._frames_shared -= 1
         machine.map[page] = new
         if zeros and not pool.words[new].any():
@@ -796,7 +797,7 @@ class FusionEngine:
             frame = int(machine.map[page])
             if frame == 0:
                 return PageInfo(PageState.ZERO, 0)
-            users = int(self._pool.refcount[frame])
+            users = self._pool.ref(frame)
             return PageInfo(PageState.SHARED if users >= 2 else PageState.PRIVATE, users)
 
     # -- the hint path (VirtualBox's shared modules) ---------------------------
@@ -903,7 +904,7 @@ class FusionEngine:
         equal = self._equal_rows(pool.words, old, pool.words, target)
         candidates, old, target = candidates[equal], old[equal], target[equal]
         uniq, counts = np.unique(target, return_counts=True)
-        room = pool.refcount[uniq].astype(np.int64) + counts <= MAX_REFCOUNT
+        room = pool.refs(uniq) + counts <= MAX_REFCOUNT
         if not room.all():  # a saturated canonical frame takes no more users
             fits = np.isin(target, uniq[room])
             candidates, old, target = candidates[fits], old[fits], target[fits]
@@ -1058,9 +1059,8 @@ class FusionEngine:
         pool = self._pool
         frames = machine.map[lo:hi]
         # Full frames take no one and give no one away: they stay as they are.
-        eligible = (
-            (frames != 0) & ~pool.indexed.get(frames) & (pool.refcount[frames] < MAX_REFCOUNT)
-        )
+        eligible = (frames != 0) & ~pool.indexed.get(frames)
+        eligible &= pool.refs(frames) < MAX_REFCOUNT
         if machine.stable is not None:
             eligible &= machine.stable[lo:hi] >= self._config.stable_scans_before_merge
         pages = lo + np.flatnonzero(eligible)
@@ -1098,7 +1098,7 @@ class FusionEngine:
         order = np.argsort(targets, kind="stable")
         sorted_targets = targets[order]
         rank = np.arange(len(order)) - np.searchsorted(sorted_targets, sorted_targets)
-        room = MAX_REFCOUNT - self._pool.refcount[sorted_targets].astype(np.int64)
+        room = MAX_REFCOUNT - self._pool.refs(sorted_targets)
         return np.sort(moves[order[rank < room]])
 
     # -- figures ------------------------------------------------------------

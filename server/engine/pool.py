@@ -6,8 +6,9 @@ huge pages. Frame ``f`` is the 4 KiB at ``f * PAGE_SIZE``. Frame 0 is the
 zero frame: never handed out, never written, so a guest page mapped to 0 is
 a ZERO page backed by no memory at all.
 
-Per frame the pool keeps an 8-bit reference count (the number of guest pages
-using it, capped at 255 like KSM's max_page_sharing) and a flag byte the engine
+Per frame the pool keeps a one-byte reference count (the number of guest
+pages using it; the few frames with 255 users or more keep their true count
+in a small dict, so counts stay exact up to VirtualBox's 65,535) and a flag byte the engine
 owns. Free frames sit on a stack; the stack is kept in descending order after
 large frees so that allocation reuses low frames first and high chunks drain.
 A chunk whose frames are all free is handed back to the operating system
@@ -31,10 +32,12 @@ from pagefusion.server.engine.errors import ResourceExhaustedError
 from pagefusion.server.engine.types import PAGE_SIZE
 
 CHUNK_FRAMES = 512  # 2 MiB: one transparent huge page
-#: Users one frame may have (KSM's max_page_sharing is 256): past it, a new
-#: frame starts for the same content. One byte of refcount per frame keeps
-#: metadata under 8 bytes per guest page; the loss is at most 1/255.
-MAX_REFCOUNT = 0xFF
+#: Users one frame may have (VirtualBox's shared-page refcount is 16-bit):
+#: past it, a new frame starts for the same content.
+MAX_REFCOUNT = 0xFFFF
+#: Refcounts are stored in one byte; from this value on the true count is
+#: in a small dict (a few frames: all-0xFF pages and the like).
+_SATURATED = 0xFF
 _MAP_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000)
 
 
@@ -86,7 +89,8 @@ class FramePool:
     Attributes:
         frames: the arena as a (frames, 4096) uint8 array (rows are frames).
         words: the same memory as (frames, 512) uint64, for fast compares.
-        refcount: uint8 per frame (at most MAX_REFCOUNT users).
+        refcount: uint8 per frame; 255 means "look in the overflow" (use refs()
+            and set_refs() wherever a count may reach 255).
         indexed: a bit per frame: the frame is in a fusion index.
         hinted: a bit per frame: the frame is the canonical frame of a
             module position on the hint path.
@@ -121,6 +125,7 @@ class FramePool:
         self.refcount = np.zeros(CHUNK_FRAMES, dtype=np.uint8)
         self.indexed = FrameBits(CHUNK_FRAMES)
         self.hinted = FrameBits(CHUNK_FRAMES)
+        self._overflow: dict[int, int] = {}
         self.used = 0
         self._hwm = 1  # frames below this have been handed out at least once
         self._free = np.zeros(CHUNK_FRAMES, dtype=np.uint32)
@@ -296,6 +301,41 @@ class FramePool:
         held = np.zeros(chunks, dtype=bool)
         held[: len(self._chunk_held)] = self._chunk_held
         self._chunk_used, self._chunk_held = used, held
+
+    # -- reference counts ---------------------------------------------------
+
+    def refs(self, frames: np.ndarray) -> np.ndarray:
+        """True user counts of ``frames`` (int64)."""
+        counts = self.refcount[frames].astype(np.int64)
+        if self._overflow:
+            saturated = np.flatnonzero(counts == _SATURATED)
+            if len(saturated):
+                counts[saturated] = [self._overflow[f] for f in frames[saturated].tolist()]
+        return counts
+
+    def set_refs(self, frames: np.ndarray, counts: np.ndarray) -> None:
+        """Set true user counts of distinct ``frames``."""
+        counts = np.asarray(counts, dtype=np.int64)
+        if self._overflow:
+            was = np.flatnonzero(self.refcount[frames] == _SATURATED)
+            for frame in frames[was].tolist():
+                self._overflow.pop(frame, None)
+        self.refcount[frames] = np.minimum(counts, _SATURATED)
+        big = np.flatnonzero(counts >= _SATURATED)
+        for frame, count in zip(frames[big].tolist(), counts[big].tolist(), strict=True):
+            self._overflow[frame] = count
+
+    def ref(self, frame: int) -> int:
+        count = int(self.refcount[frame])
+        return self._overflow[frame] if count == _SATURATED else count
+
+    def set_ref(self, frame: int, count: int) -> None:
+        if self.refcount[frame] == _SATURATED:
+            self._overflow.pop(frame, None)
+        if count >= _SATURATED:
+            self._overflow[frame] = count
+            count = _SATURATED
+        self.refcount[frame] = count
 
     # -- first touch ----------------------------------------------------------
 

@@ -312,7 +312,24 @@ def test_stopping_a_large_machine_counts_instead_of_sorting(monkeypatch):
     assert e.read("b", 0, len(mem)) == bytes(mem)
 
 
-def test_a_frame_takes_at_most_255_users_at_ingest():
+def test_counts_past_one_byte_stay_exact():
+    e = engine()
+    e.start_machine("a", FakeMemory([(0, image(*[page(0xAB)] * 600))]), page_fusion=True)
+    e.start_machine("b", FakeMemory([(0, image(*[page(0xAB)] * 600))]), page_fusion=True)
+    h = e.stats().host
+    assert (h.frames_used, h.pages_saved, h.frames_shared) == (1, 1199, 1)
+    assert e.page_info("a", 0).share_count == 1200
+    assert e.write("a", 0, b"\x01") == 1
+    assert e.page_info("b", 0).share_count == 1199
+    e.stop_machine("a")
+    assert e.page_info("b", 0).share_count == 600
+    assert_identity(e)
+
+
+def test_a_frame_takes_at_most_max_users_at_ingest(monkeypatch):
+    from pagefusion.server.engine import engine as engine_module
+
+    monkeypatch.setattr(engine_module, "MAX_REFCOUNT", 255)
     e = engine()
     e.start_machine("a", FakeMemory([(0, image(*[page(0xAB)] * 600))]), page_fusion=True)
     h = e.stats().host
@@ -328,7 +345,10 @@ def test_a_frame_takes_at_most_255_users_at_ingest():
     assert_identity(e)
 
 
-def test_scans_fill_frames_up_to_the_limit_and_converge():
+def test_scans_fill_frames_up_to_the_limit_and_converge(monkeypatch):
+    from pagefusion.server.engine import engine as engine_module
+
+    monkeypatch.setattr(engine_module, "MAX_REFCOUNT", 255)
     e = engine(config=FusionConfig(mode=FusionMode.HINTS))
     e.start_machine("a", FakeMemory([(0, image(*[page(0xCD)] * 600))]), page_fusion=True)
     e.set_config(FusionConfig(mode=FusionMode.CONTENT))
