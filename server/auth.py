@@ -236,6 +236,9 @@ def _server_credentials(cert: Path, key: Path, client_ca: Path | None) -> grpc.S
     try:
         context.load_cert_chain(os.fspath(cert), os.fspath(key))
     except ssl.SSLError as exc:
+        if exc.reason == "KEY_VALUES_MISMATCH":
+            raise ConfigError(f"--tls-key {key} is not the private key of --tls-cert {cert}"
+                              ) from None
         raise ConfigError(
             f"--tls-cert {cert} / --tls-key {key}: not a PEM certificate chain and its "
             f"matching private key ({exc.reason or exc})") from None

@@ -5,6 +5,12 @@ this package only re-exports it. pyproject maps this folder to
 ``pagefusion.testing``.
 """
 
-from pagefusion.clients.testing import RunningServer, ServerStartError, run_server
+from pagefusion.clients.testing import (
+    RunningServer,
+    ServerStartError,
+    TlsFiles,
+    make_tls_files,
+    run_server,
+)
 
-__all__ = ["RunningServer", "ServerStartError", "run_server"]
+__all__ = ["RunningServer", "ServerStartError", "TlsFiles", "make_tls_files", "run_server"]
