@@ -18,7 +18,7 @@ from grpc_reflection.v1alpha import reflection
 
 from pagefusion.adapters.base import Adapter
 from pagefusion.adapters.registry import load_adapters
-from pagefusion.server.auth import Security
+from pagefusion.server.auth import ConfigError, Security, load_tokens
 from pagefusion.server.engine import FusionEngine
 from pagefusion.server.fusion import FusionServicer
 from pagefusion.server.guest_memory import MAX_TRANSFER_BYTES, GuestMemoryServicer
@@ -116,9 +116,9 @@ class PagefusionServer:
         # gRPC server metrics outermost, so they see the status the call ends with;
         # the token check innermost, so the per-RPC log line records its refusals.
         interceptors: list[aio.ServerInterceptor] = [ServerInterceptor()]
-        auth = self.security.interceptor()
-        if auth is not None:
-            interceptors.append(auth)
+        self._auth = self.security.interceptor()
+        if self._auth is not None:
+            interceptors.append(self._auth)
         if self.prometheus is not None:
             interceptors.insert(0, self.prometheus.interceptor)
         self._server = aio.server(
@@ -169,6 +169,20 @@ class PagefusionServer:
             machines=len(self.inventory.ids()), **self.security.describe(),
         )
         return self.port
+
+    def reload_tokens(self) -> None:
+        """Re-read ``--auth-token-file`` (SIGHUP); on any problem keep the tokens in force."""
+        path = self.settings.auth_token_file
+        if self._auth is None or path is None:
+            log.info("tokens_not_reloaded", reason="no --auth-token-file")
+            return
+        try:
+            digests = load_tokens(path)
+        except ConfigError as exc:
+            log.error("tokens_not_reloaded", error=str(exc), hint="the previous tokens stay valid")
+            return
+        self._auth.replace_tokens(digests)
+        log.info("tokens_reloaded", path=str(path), tokens=len(digests))
 
     def _start_metrics(self) -> None:
         """Hook for the Prometheus ``/metrics`` endpoint (``--metrics-listen``)."""

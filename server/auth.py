@@ -325,6 +325,10 @@ class TokenAuthInterceptor(aio.ServerInterceptor):
     def __init__(self, digests: Iterable[bytes]) -> None:
         self._digests = tuple(digests)
 
+    def replace_tokens(self, digests: Iterable[bytes]) -> None:
+        """Accept these tokens from the next call on (token rotation without a restart)."""
+        self._digests = tuple(digests)
+
     async def intercept_service(
         self,
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],

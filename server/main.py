@@ -64,7 +64,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                           help="require client certificates signed by these PEM CAs (mutual TLS)")
     security.add_argument("--auth-token-file", type=Path, metavar="FILE",
                           help="require 'authorization: Bearer <token>' on every RPC but health "
-                               "and reflection; FILE holds the valid tokens, one per line")
+                               "and reflection; FILE holds the valid tokens, one per line "
+                               "(SIGHUP re-reads it)")
     security.add_argument("--insecure", action="store_true",
                           help="allow a non-loopback --listen without TLS or caller "
                                "authentication (the network must be secured otherwise)")
@@ -72,12 +73,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 async def serve(settings: Settings, port_file: Path | None = None) -> None:
-    """Run the server until SIGTERM or SIGINT, then shut down gracefully."""
+    """Run the server until SIGTERM or SIGINT, then shut down gracefully.
+
+    SIGHUP re-reads ``--auth-token-file``.
+    """
     server = PagefusionServer(settings)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, server.reload_tokens)
     port = await server.start()
     if port_file is not None:
         tmp = port_file.with_name(port_file.name + ".tmp")

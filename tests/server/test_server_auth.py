@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -318,3 +319,40 @@ def test_token_file_format(tmp_path: Path) -> None:
     missing = check_authorization([("x-request-id", "1")], digests)
     assert missing is not None and missing.reason == "CREDENTIALS_MISSING"
     assert TOKEN not in missing.message
+
+
+def test_sighup_rereads_the_token_file(tmp_path: Path) -> None:
+    tokens = tmp_path / "tokens"
+    tokens.write_text(f"{TOKEN}\n")
+    tokens.chmod(0o600)
+    old = (("authorization", f"Bearer {TOKEN}"),)
+    new = (("authorization", f"Bearer {OTHER_TOKEN}"),)
+
+    def code(channel: grpc.Channel, metadata: tuple[tuple[str, str], ...]) -> grpc.StatusCode:
+        try:
+            _list(channel, metadata)
+        except grpc.RpcError as error:
+            return error.code()  # type: ignore[attr-defined, no-any-return]
+        return grpc.StatusCode.OK
+
+    def reload(server: RunningServer, event: str, count: int) -> None:
+        server.process.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + TIMEOUT
+        while server.stderr_text().count(f'"event": "{event}"') < count:
+            assert time.monotonic() < deadline, server.stderr_text()
+            time.sleep(0.05)
+
+    with run_server(extra_args=["--auth-token-file", str(tokens)]) as server, \
+            grpc.insecure_channel(server.address) as channel:
+        assert code(channel, new) is grpc.StatusCode.UNAUTHENTICATED
+        tokens.write_text(f"{TOKEN}\n{OTHER_TOKEN}\n")
+        reload(server, "tokens_reloaded", 1)
+        assert code(channel, old) is code(channel, new) is grpc.StatusCode.OK
+        tokens.write_text("# emptied by mistake\n")
+        reload(server, "tokens_not_reloaded", 1)  # keeps the tokens in force
+        assert code(channel, new) is grpc.StatusCode.OK
+        tokens.write_text(f"{OTHER_TOKEN}\n")
+        reload(server, "tokens_reloaded", 2)
+        assert code(channel, old) is grpc.StatusCode.UNAUTHENTICATED
+        assert code(channel, new) is grpc.StatusCode.OK
+        assert TOKEN not in server.stderr_text() and OTHER_TOKEN not in server.stderr_text()
