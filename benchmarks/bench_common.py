@@ -121,8 +121,9 @@ class BufferMemory(GuestMemory):
     Reports the synthetic guest's ranges and modules, so hints work too.
     """
 
-    def __init__(self, data: np.ndarray, ranges: Sequence[MemoryRange],
-                 modules: Sequence[GuestModule] = ()) -> None:
+    def __init__(
+        self, data: np.ndarray, ranges: Sequence[MemoryRange], modules: Sequence[GuestModule] = ()
+    ) -> None:
         self.data = data.reshape(-1)
         self._ranges = tuple(ranges)
         self._modules = tuple(modules)
@@ -219,9 +220,11 @@ class Plotter:
 
             self.plt = plt
         except ImportError:
-            self.reason = ("matplotlib is not installed: "
-                           "`pip install -r benchmarks/requirements.txt` "
-                           "for the PNG plots")
+            self.reason = (
+                "matplotlib is not installed: "
+                "`pip install -r benchmarks/requirements.txt` "
+                "for the PNG plots"
+            )
             print(f"note: {self.reason}", file=sys.stderr)
 
     @property

@@ -2,8 +2,9 @@
 
 A child process (this file with ``--child``) synthesises the guests into
 private anonymous mappings (MAP_PRIVATE | MAP_ANONYMOUS, every page touched,
-zero pages included, as a booted guest's RAM is), marks them MADV_MERGEABLE
-and waits. The parent switches KSM on with one configuration, polls
+zero pages included, as a booted guest's RAM is), or copies a real guest's
+RAM from its file (bench_qemu: QEMU's /dev/shm memory backend), marks them
+MADV_MERGEABLE and waits. The parent switches KSM on with one configuration, polls
 /sys/kernel/mm/ksm every ~50 ms and ksmd's CPU time from /proc/<ksmd>/stat,
 and stops at the plateau or the timeout. Then the child exits (its memory is
 freed at once), KSM is told ``run=2`` (unmerge), then ``run=0``, and the
@@ -183,19 +184,30 @@ def _savings(root: Path = KSM) -> int:
 
 def measure(
     label: str,
-    specs: Sequence[tuple[str, int, int]],
+    specs: Sequence[tuple[str, int, int] | str],
     pages_to_scan: int,
     sleep_millisecs: int,
     timeout: float,
     poll: float = 0.05,
 ) -> KsmResult:
-    """One KSM configuration on fresh guest memory in a fresh child process."""
+    """One KSM configuration on fresh guest memory in a fresh child process.
+
+    ``specs``: synthetic guests as (profile, size, seed), or paths of files
+    holding a guest's RAM (a real guest's /dev/shm file), copied in whole.
+    """
     result = KsmResult(label, pages_to_scan, sleep_millisecs, timeout)
     ksmd = find_ksmd()
     assert ksmd is not None
     child = subprocess.Popen(
-        [sys.executable, __file__, "--child", json.dumps(list(map(list, specs)))],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            __file__,
+            "--child",
+            json.dumps([s if isinstance(s, str) else list(s) for s in specs]),
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
     )
     try:
         with KsmSettings() as ksm:
@@ -214,8 +226,12 @@ def measure(
             while True:
                 time.sleep(poll)
                 t = time.perf_counter() - t0
-                sample = (t, _savings() - base, read_counter("full_scans") - scans0,
-                          proc_cpu_seconds(ksmd) - cpu0)
+                sample = (
+                    t,
+                    _savings() - base,
+                    read_counter("full_scans") - scans0,
+                    proc_cpu_seconds(ksmd) - cpu0,
+                )
                 result.samples.append(sample)
                 if plateau_index(result.samples) is not None:
                     result.plateau = True
@@ -240,17 +256,42 @@ def measure(
 # ---------------------------------------------------------------- the child
 
 
-def _child(specs: list[list[int | str]]) -> None:
+def _child(specs: list[list[int | str] | str]) -> None:
     import numpy as np
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from bench_common import PAGE, GuestSpec, materialize
 
     maps = []
-    for profile, size, seed in specs:
+    for item in specs:
+        if isinstance(item, str):  # a file holding a guest's RAM: copy it in whole
+            size = os.path.getsize(item)
+            m = mmap.mmap(
+                -1,
+                size,
+                flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS,
+                prot=mmap.PROT_READ | mmap.PROT_WRITE,
+            )
+            with open(item, "rb", buffering=0) as f:
+                view = memoryview(m)
+                done = 0
+                while done < size:
+                    n = f.readinto(view[done : done + (64 << 20)])
+                    if not n:
+                        raise SystemExit(f"{item}: short read at {done}")
+                    done += n
+                view.release()
+            m.madvise(mmap.MADV_MERGEABLE)
+            maps.append(m)
+            continue
+        profile, size, seed = item
         spec = GuestSpec(str(profile), int(size), int(seed))
-        m = mmap.mmap(-1, spec.size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS,
-                      prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        m = mmap.mmap(
+            -1,
+            spec.size,
+            flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS,
+            prot=mmap.PROT_READ | mmap.PROT_WRITE,
+        )
         view = np.frombuffer(m, dtype=np.uint8).reshape(-1, PAGE)
         materialize(spec, view)  # touches every page, zero pages included
         del view

@@ -55,8 +55,9 @@ def pf_savings(engine: FusionEngine) -> int:
 # ---------------------------------------------------------------- 1 + 2: ingest
 
 
-def run_ingest(specs: Sequence[GuestSpec], buffers: Sequence[np.ndarray],
-               repeats: int = 3) -> dict[str, Any]:
+def run_ingest(
+    specs: Sequence[GuestSpec], buffers: Sequence[np.ndarray], repeats: int = 3
+) -> dict[str, Any]:
     """Start the guests from in-process bytes in fresh engines; hash-only and memcpy baselines.
 
     Returns wall/CPU times (median of ``repeats``), the savings curve of one
@@ -88,8 +89,9 @@ def run_ingest(specs: Sequence[GuestSpec], buffers: Sequence[np.ndarray],
         curve.append((time.perf_counter() - t0, pf_savings(engine)))
 
     for i, (spec, buf) in enumerate(zip(specs, buffers, strict=True)):
-        engine.start_machine(f"vm-{i}", BufferMemory.of(spec, buf), page_fusion=True,
-                             progress=progress)
+        engine.start_machine(
+            f"vm-{i}", BufferMemory.of(spec, buf), page_fusion=True, progress=progress
+        )
     hash_s = [sum(hash_only(b) for b in buffers) for _ in range(repeats)]
     copy_s = [sum(memcpy(b) for b in buffers) for _ in range(repeats)]
     return {
@@ -128,10 +130,14 @@ def run_grpc_start(specs: Sequence[GuestSpec]) -> dict[str, Any]:
     with run_server() as server, server.client(timeout=600) as client:
         for i, spec in enumerate(specs):
             client.create_machine(
-                f"vm-{i}", memory_size_bytes=spec.size, os_type=spec.profile,
+                f"vm-{i}",
+                memory_size_bytes=spec.size,
+                os_type=spec.profile,
                 page_fusion_enabled=True,
-                memory_source=("synthetic-windows",
-                               {"profile": spec.profile, "seed": str(spec.seed)}),
+                memory_source=(
+                    "synthetic-windows",
+                    {"profile": spec.profile, "seed": str(spec.seed)},
+                ),
             )
         cpu0 = proc_cpu_seconds(server.pid)
         t0 = time.perf_counter()
@@ -171,8 +177,10 @@ def run_cow(engine: FusionEngine, machine: str, pages: int, writes: int) -> dict
         lat.sort()
         if lat:
             out[label] = {
-                "n": len(lat), "copied": copied,
-                "p50_us": lat[len(lat) // 2] / 1000, "p99_us": lat[int(len(lat) * 0.99)] / 1000,
+                "n": len(lat),
+                "copied": copied,
+                "p50_us": lat[len(lat) // 2] / 1000,
+                "p99_us": lat[int(len(lat) * 0.99)] / 1000,
                 "mean_us": statistics.mean(lat) / 1000,
             }
     return out
@@ -190,7 +198,10 @@ def run_rpc(concurrency: Sequence[int], requests: int, guest_size: int) -> dict[
     results: dict[str, Any] = {"rows": [], "notes": []}
     with run_server() as server, server.client(timeout=600) as admin:
         admin.create_machine(
-            "rpc", memory_size_bytes=guest_size, os_type="Windows10_64", page_fusion_enabled=True,
+            "rpc",
+            memory_size_bytes=guest_size,
+            os_type="Windows10_64",
+            page_fusion_enabled=True,
             memory_source=("synthetic-windows", {"profile": "Windows10_64", "seed": "11"}),
         )
         admin.start_machine("rpc")
@@ -200,10 +211,12 @@ def run_rpc(concurrency: Sequence[int], requests: int, guest_size: int) -> dict[
         page = os.urandom(PAGE)
 
         calls: dict[str, Callable[[Any, int], object]] = {
-            "ReadGuestMemory": lambda c, i: c.read_guest_memory("rpc", (i * 7919 % pages) * PAGE,
-                                                                PAGE),
+            "ReadGuestMemory": lambda c, i: c.read_guest_memory(
+                "rpc", (i * 7919 % pages) * PAGE, PAGE
+            ),
             "WriteGuestMemory": lambda c, i: c.write_guest_memory(
-                "rpc", (i * 7919 % pages) * PAGE, page),
+                "rpc", (i * 7919 % pages) * PAGE, page
+            ),
             "QueryMetrics": lambda c, i: c.query_metrics(),
         }
         for rpc, call in calls.items():
@@ -214,9 +227,14 @@ def run_rpc(concurrency: Sequence[int], requests: int, guest_size: int) -> dict[
                     errors: list[BaseException] = []
                     barrier = threading.Barrier(n + 1)
 
-                    def worker(c: Any, k: int, per: int = per, call: Any = call,
-                               barrier: threading.Barrier = barrier,
-                               errors: list[BaseException] = errors) -> None:
+                    def worker(
+                        c: Any,
+                        k: int,
+                        per: int = per,
+                        call: Any = call,
+                        barrier: threading.Barrier = barrier,
+                        errors: list[BaseException] = errors,
+                    ) -> None:
                         call(c, k)  # warm the channel up
                         barrier.wait()
                         try:
@@ -225,8 +243,9 @@ def run_rpc(concurrency: Sequence[int], requests: int, guest_size: int) -> dict[
                         except BaseException as exc:
                             errors.append(exc)
 
-                    threads = [threading.Thread(target=worker, args=(c, k))
-                               for k, c in enumerate(clients)]
+                    threads = [
+                        threading.Thread(target=worker, args=(c, k)) for k, c in enumerate(clients)
+                    ]
                     try:
                         for th in threads:
                             th.start()
@@ -247,13 +266,20 @@ def run_rpc(concurrency: Sequence[int], requests: int, guest_size: int) -> dict[
                         err = errors[0]
                         code = getattr(err, "code", None)
                         name = getattr(code, "name", type(err).__name__)
-                        results["rows"].append({"rpc": rpc, "clients": n, "error": name,
-                                                "message": str(err)[:160]})
+                        results["rows"].append(
+                            {"rpc": rpc, "clients": n, "error": name, "message": str(err)[:160]}
+                        )
                         break  # the same error at every concurrency
-                    results["rows"].append({
-                        "rpc": rpc, "clients": n, "calls": per * n, "seconds": wall,
-                        "per_second": per * n / wall, "server_cpu": server_cpu,
-                    })
+                    results["rows"].append(
+                        {
+                            "rpc": rpc,
+                            "clients": n,
+                            "calls": per * n,
+                            "seconds": wall,
+                            "per_second": per * n / wall,
+                            "server_cpu": server_cpu,
+                        }
+                    )
                 finally:
                     for c in clients:
                         c.close()
@@ -282,8 +308,14 @@ def run_hints(specs: Sequence[GuestSpec]) -> dict[str, Any]:
         for i, (s, b) in enumerate(zip(specs, buffers, strict=True)):
             engine.start_machine(f"vm-{i}", BufferMemory.of(s, b), page_fusion=True)
     h = engine.stats().host
-    out["content"] = {"wall": t.wall, "cpu": t.cpu, "examined": h.guest_pages - h.zero_pages,
-                      "saved": h.pages_saved, "zero": h.zero_pages, "guest": h.guest_pages}
+    out["content"] = {
+        "wall": t.wall,
+        "cpu": t.cpu,
+        "examined": h.guest_pages - h.zero_pages,
+        "saved": h.pages_saved,
+        "zero": h.zero_pages,
+        "guest": h.guest_pages,
+    }
     engine.close()
 
     # Hint path: ingest only elides zero pages; the agent's modules are then checked.
@@ -302,9 +334,17 @@ def run_hints(specs: Sequence[GuestSpec]) -> dict[str, Any]:
             checked += c
             fused += f
     h = engine.stats().host
-    out["hints"] = {"ingest_wall": t_ingest.wall, "ingest_cpu": t_ingest.cpu,
-                    "wall": t_hint.wall, "cpu": t_hint.cpu, "examined": checked, "fused": fused,
-                    "modules": modules, "saved": h.pages_saved, "zero": h.zero_pages}
+    out["hints"] = {
+        "ingest_wall": t_ingest.wall,
+        "ingest_cpu": t_ingest.cpu,
+        "wall": t_hint.wall,
+        "cpu": t_hint.cpu,
+        "examined": checked,
+        "fused": fused,
+        "modules": modules,
+        "saved": h.pages_saved,
+        "zero": h.zero_pages,
+    }
     engine.close()
     return out
 
@@ -312,8 +352,9 @@ def run_hints(specs: Sequence[GuestSpec]) -> dict[str, Any]:
 # ---------------------------------------------------------------- 4: overcommit
 
 
-def run_overcommit(profile: str, size: int, target_bytes: int, reserve: int,
-                   max_seconds: float) -> dict[str, Any]:
+def run_overcommit(
+    profile: str, size: int, target_bytes: int, reserve: int, max_seconds: float
+) -> dict[str, Any]:
     """Start synthetic Windows guests (lazily synthesised by the adapter) until their
     memory reaches ``target_bytes``; RSS against frames used after each start.
 
@@ -323,8 +364,16 @@ def run_overcommit(profile: str, size: int, target_bytes: int, reserve: int,
     gc.collect()
     engine = FusionEngine(hash_seed=5)
     rss0 = rss_bytes()
-    rows = [{"guest_bytes": 0, "rss": rss0, "frames_bytes": 0, "saved_bytes": 0,
-             "seconds": 0.0, "mem_available": mem_available_bytes()}]
+    rows = [
+        {
+            "guest_bytes": 0,
+            "rss": rss0,
+            "frames_bytes": 0,
+            "saved_bytes": 0,
+            "seconds": 0.0,
+            "mem_available": mem_available_bytes(),
+        }
+    ]
     stop_reason = ""
     t0 = time.perf_counter()
     cpu0 = cpu_seconds()
@@ -333,9 +382,11 @@ def run_overcommit(profile: str, size: int, target_bytes: int, reserve: int,
     while rows[-1]["guest_bytes"] < target_bytes:
         avail = mem_available_bytes()
         if avail - 1.5 * growth < reserve:
-            stop_reason = (f"stopped early: MemAvailable {avail / GiB:.1f} GiB, the next guest "
-                           f"needs about {growth / GiB:.1f} GiB and {reserve / GiB:.1f} GiB stay "
-                           "free")
+            stop_reason = (
+                f"stopped early: MemAvailable {avail / GiB:.1f} GiB, the next guest "
+                f"needs about {growth / GiB:.1f} GiB and {reserve / GiB:.1f} GiB stay "
+                "free"
+            )
             break
         if time.perf_counter() - t0 > max_seconds:
             stop_reason = f"stopped early: time budget of {max_seconds:.0f} s used"
@@ -347,26 +398,55 @@ def run_overcommit(profile: str, size: int, target_bytes: int, reserve: int,
         h = engine.stats().host
         rss = rss_bytes()
         growth = rss - before  # the last guest's growth predicts the next one's
-        rows.append({"guest_bytes": h.guest_pages * PAGE, "rss": rss,
-                     "frames_bytes": h.frames_used * PAGE, "saved_bytes": h.pages_saved * PAGE,
-                     "zero_bytes": h.zero_pages * PAGE, "seconds": time.perf_counter() - t0,
-                     "mem_available": mem_available_bytes(),
-                     "metadata_bytes": h.metadata_bytes, "guest_pages": h.guest_pages})
+        rows.append(
+            {
+                "guest_bytes": h.guest_pages * PAGE,
+                "rss": rss,
+                "frames_bytes": h.frames_used * PAGE,
+                "saved_bytes": h.pages_saved * PAGE,
+                "zero_bytes": h.zero_pages * PAGE,
+                "seconds": time.perf_counter() - t0,
+                "mem_available": mem_available_bytes(),
+                "metadata_bytes": h.metadata_bytes,
+                "guest_pages": h.guest_pages,
+            }
+        )
     cpu = cpu_seconds() - cpu0
     engine.close()
-    return {"rows": rows, "stop_reason": stop_reason, "machines": i, "cpu": cpu,
-            "rss_base": rss0, "host_ram": mem_total_bytes(), "profile": profile, "size": size,
-            "target": target_bytes}
+    return {
+        "rows": rows,
+        "stop_reason": stop_reason,
+        "machines": i,
+        "cpu": cpu,
+        "rss_base": rss0,
+        "host_ram": mem_total_bytes(),
+        "profile": profile,
+        "size": size,
+        "target": target_bytes,
+    }
 
 
-def overcommit_subprocess(profile: str, size: int, target_bytes: int, reserve: int,
-                          max_seconds: float) -> dict[str, Any]:
+def overcommit_subprocess(
+    profile: str, size: int, target_bytes: int, reserve: int, max_seconds: float
+) -> dict[str, Any]:
     """run_overcommit in a clean child process (so RSS is the engine's, not the harness's)."""
     import subprocess
 
-    argv = [sys.executable, __file__, "overcommit", "--profile", profile, "--size", str(size),
-            "--target", str(target_bytes), "--reserve", str(reserve),
-            "--max-seconds", str(max_seconds)]
+    argv = [
+        sys.executable,
+        __file__,
+        "overcommit",
+        "--profile",
+        profile,
+        "--size",
+        str(size),
+        "--target",
+        str(target_bytes),
+        "--reserve",
+        str(reserve),
+        "--max-seconds",
+        str(max_seconds),
+    ]
     proc = subprocess.run(argv, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         raise RuntimeError(f"overcommit child failed ({proc.returncode}): {proc.stderr[-2000:]}")
@@ -389,4 +469,3 @@ def _main() -> None:
 
 if __name__ == "__main__":
     _main()
-

@@ -41,12 +41,16 @@ def test_quick_run_writes_the_report(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = (tmp_path / "REPORT.md").read_text()
     for heading in ("## Targets (issue 7)", "## 1. Time to full savings against Linux KSM",
+                    "## 1b. Real Linux guests under QEMU",
                     "## 2. Ingest throughput", "## 3. Metadata per guest page",
                     "## 4. Overcommit", "## 5. Copy-on-write latency and RPC throughput",
                     "## 6. Hint path against content path"):
         assert heading in report, heading
     # KSM was skipped on purpose, and the report says so; everything else was measured.
     assert "KSM rows skipped: turned off with --no-ksm" in report
+    # The quick run never boots QEMU (CI's smoke run), and says so.
+    assert "**Skipped: not run in --quick mode" in report
+    assert "[qemu] skipped: not run in --quick mode" in proc.stdout
     assert "Not measured" not in report, report
     assert "| ReadGuestMemory | 50 |" in report
     assert "| pagefusion ingest (fresh engine, fusion on) |" in report
@@ -89,3 +93,46 @@ def test_ksm_settings_restored_on_error(tmp_path: Path) -> None:
     assert (tmp_path / "sleep_millisecs").read_text().strip() == "20"
     (tmp_path / "run").write_text("1\n")
     assert "already in use" in ksm.ksm_unavailable_reason(tmp_path)
+
+
+def test_qemu_skips_with_a_reason(tmp_path: Path) -> None:
+    qemu = _load("bench_qemu")
+    boot, shm = tmp_path / "boot", tmp_path / "shm"
+    boot.mkdir()
+    shm.mkdir()
+    found = {"qemu-system-x86_64": "/usr/bin/qemu-system-x86_64", "mkinitramfs": "/x"}
+    reason = qemu.unavailable_reason(boot=boot, shm=shm, which=lambda name: None)
+    assert "qemu-system-x86_64 is not installed" in reason
+    reason = qemu.unavailable_reason(boot=boot, shm=shm, which=found.get)
+    assert "linux-image-amd64" in reason
+    for version in ("6.1.0-9-amd64", "6.1.0-56-amd64", "6.1.0-10-amd64"):
+        (boot / f"vmlinuz-{version}").write_bytes(b"k")
+    assert qemu.find_kernel(boot) == (boot / "vmlinuz-6.1.0-56-amd64", "6.1.0-56-amd64")
+    assert qemu.unavailable_reason(boot=boot, shm=shm, which=found.get) is None
+    reason = qemu.unavailable_reason(boot=boot, shm=shm, which={"qemu-system-x86_64": "q"}.get)
+    assert "no initramfs for kernel 6.1.0-56-amd64" in reason
+    reason = qemu.unavailable_reason(boot=boot, shm=tmp_path / "none", which=found.get)
+    assert "does not exist" in reason
+    reason = qemu.unavailable_reason(1 << 50, boot=boot, shm=shm, which=found.get)
+    assert "MiB free" in reason
+
+
+@pytest.mark.skipif(not Path("/sys/kernel/mm/ksm").is_dir(), reason="kernel without KSM")
+@pytest.mark.timeout(60)
+def test_ksm_child_copies_a_ram_file(tmp_path: Path) -> None:
+    """bench_ksm's child loads a real guest's RAM file (no root needed: KSM stays off)."""
+    ram = tmp_path / "ram"
+    ram.write_bytes(bytes(8192) + b"\x01" * 4096)
+    child = subprocess.Popen(
+        [sys.executable, str(BENCH / "bench_ksm.py"), "--child", f'["{ram}"]'],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        assert child.stdout is not None and child.stdin is not None
+        assert child.stdout.readline().strip() == "READY"
+        child.stdin.close()
+        assert child.wait(30) == 0
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
