@@ -411,7 +411,7 @@ class FusionEngine:
                 frames = self._fuse_new(data, words, nonzero, machine.domain)
             else:
                 frames = self._pool.alloc(len(nonzero))
-                self._pool.frames[frames] = data[nonzero]
+                self._copy_into(frames, data, nonzero)
                 self._pool.refcount[frames] = 1
             machine.map[base + nonzero] = frames
         zeros = n - len(nonzero)
@@ -706,6 +706,12 @@ class FusionEngine:
             pages = machine.span(address, len(data))
             if not data:
                 return 0
+            # Pages that may need a new frame (ZERO or SHARED): check the budget
+            # first, so a refused write changes nothing.
+            frames = machine.map[pages]
+            needed = int(np.count_nonzero((frames == 0) | (self._pool.refcount[frames] >= 2)))
+            if self._pool.used + needed > self._pool.max_frames:
+                self._pool.alloc(needed)  # raises ResourceExhaustedError, nothing changed
             if machine.live:
                 self._write_through(machine, address, data)
             return self._write_pages(machine, pages, address, memoryview(data))

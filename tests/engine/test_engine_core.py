@@ -403,3 +403,14 @@ def test_stats_include_machines_still_starting():
     e.start_machine("a", FakeMemory([(0, image(page(1)) * 3)]), page_fusion=True, progress=progress)
     assert seen[-1] == [("a", True, 3)]
     assert [m.starting for m in e.stats().machines] == [False]
+
+
+def test_a_write_the_budget_cannot_take_changes_nothing():
+    e = engine(max_pool_bytes=4 * PAGE)
+    mem = image(page(1), page(1), page(1), page(0), page(0))
+    e.start_machine("a", FakeMemory([(0, mem)]), page_fusion=True)
+    assert e.stats().host.frames_used == 1
+    with pytest.raises(ResourceExhaustedError):
+        e.write("a", 0, b"\x07" * (5 * PAGE))  # would need 5 frames, 3 are left
+    assert e.read("a", 0, 5 * PAGE) == bytes(mem)
+    assert_identity(e)
