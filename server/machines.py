@@ -12,10 +12,11 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-from collections.abc import Coroutine, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from pathlib import Path
 from typing import Any
 
+import structlog
 from google.protobuf import empty_pb2, field_mask_pb2
 from grpc import aio
 
@@ -34,6 +35,8 @@ from pagefusion.server.resources import (
 from pagefusion.v1 import machine_pb2, machine_pb2_grpc
 
 Machine = machine_pb2.Machine
+log = structlog.get_logger(__name__)
+_LOG_PROGRESS_PAGES = (1 << 30) // 4096
 State = Machine.State
 
 DEFAULT_FUSION_DOMAIN = "default"
@@ -190,6 +193,7 @@ class MachineServicer(machine_pb2_grpc.MachineServiceServicer):
             memory,
             page_fusion=machine.page_fusion_enabled,
             fusion_domain=machine.fusion_domain or DEFAULT_FUSION_DOMAIN,
+            progress=_progress_logger(machine_id),
         )
 
     async def StopMachine(
@@ -319,3 +323,18 @@ def _decode_page_token(token: str) -> str:
     if not MACHINE_ID_RE.fullmatch(last_id):
         raise invalid_argument("page_token", "invalid page token; pass next_page_token unchanged")
     return last_id
+
+
+def _progress_logger(machine_id: str) -> Callable[[int, int], None]:
+    """Log a long start's progress at each further quarter (machines of 1 GiB or more)."""
+    logged = [0]
+
+    def progress(done: int, total: int) -> None:
+        if total < _LOG_PROGRESS_PAGES:
+            return
+        quarter = done * 4 // total
+        if quarter > logged[0] and done < total:
+            logged[0] = quarter
+            log.info("machine_loading", machine=machine_id, pages_done=done, pages_total=total)
+
+    return progress

@@ -419,3 +419,21 @@ def test_create_refuses_the_reserved_id_host(api, expect_failure):
         grpc.StatusCode.INVALID_ARGUMENT,
     )
     assert failure.field_violations() == ["machine_id"]
+
+
+def test_long_starts_log_their_progress_by_quarters():
+    from structlog.testing import capture_logs
+
+    from pagefusion.server.machines import _progress_logger
+
+    total = (1 << 30) // 4096
+    progress = _progress_logger("big")
+    with capture_logs() as logs:
+        for done in range(0, total + 1, total // 16):
+            progress(done, total)
+    loading = [e for e in logs if e["event"] == "machine_loading"]
+    assert [e["pages_done"] * 4 // total for e in loading] == [1, 2, 3]
+    small = _progress_logger("small")
+    with capture_logs() as logs:
+        small(10, 20)
+    assert logs == []
