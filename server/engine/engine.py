@@ -40,10 +40,14 @@ Paths that share pages:
   batch, looked up in the domain's index, confirmed byte by byte and shared.
   All savings exist when start_machine returns, unlike KSM, which needs two
   full passes before it merges anything.
+* Hints (register_module, check_shared_modules; modules.py): VirtualBox's
+  path. A guest agent names the modules a machine has loaded; pages are
+  fused by position within a module (its identity ignores base addresses,
+  so ASLR does not matter), each confirmed byte by byte.
 * Scans (scan): live sources are re-read; a changed page is a guest write
   (copy on write applies) and is held back from fusion until it has stayed
   unchanged for ``stable_scans_before_merge`` scans (KSM's volatile rule);
-  private pages not yet indexed are then fused like at ingest.
+  pages the index does not know yet are then fused like at ingest.
 
 Accounting is exact at every instant, because every operation runs under
 one lock and updates the counters with the maps:
