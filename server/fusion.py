@@ -9,12 +9,12 @@ from google.protobuf import field_mask_pb2
 from grpc import aio
 
 from pagefusion.server.engine import FusionConfig, FusionEngine, FusionMode, FusionStats
-from pagefusion.server.errors import failed_precondition, invalid_argument
+from pagefusion.server.errors import invalid_argument
 from pagefusion.server.inventory import Inventory
 from pagefusion.server.registry import Registry
 from pagefusion.server.resources import machine_name, parse_machine_name
 from pagefusion.v1 import fusion_pb2 as pb
-from pagefusion.v1 import fusion_pb2_grpc, machine_pb2
+from pagefusion.v1 import fusion_pb2_grpc
 
 CONFIG_FIELDS = ("mode", "background_scan", "pages_per_second", "stable_scans_before_merge")
 
@@ -106,14 +106,7 @@ class FusionServicer(fusion_pb2_grpc.FusionServiceServicer):
             # Malformed names first (INVALID_ARGUMENT), then missing or stopped machines.
             ids = [parse_machine_name(n, f"names[{i}]") for i, n in enumerate(request.names)]
             for name, machine_id in zip(request.names, ids, strict=True):
-                machine = self._inventory.get(machine_id)
-                if machine.state != machine_pb2.Machine.STATE_RUNNING:
-                    raise failed_precondition(
-                        name,
-                        "only running machines can be scanned (it is "
-                        f"{machine_pb2.Machine.State.Name(machine.state)})",
-                        reason="MACHINE_NOT_RUNNING",
-                    )
+                self._inventory.require_running(machine_id, name)
         result = await asyncio.to_thread(self._engine.scan, ids)
         return pb.RunScanResponse(
             pages_scanned=result.pages_scanned,

@@ -14,11 +14,11 @@ from grpc import aio
 
 from pagefusion.adapters.base import GuestModule, ModuleRegion
 from pagefusion.server.engine import FusionEngine
-from pagefusion.server.errors import failed_precondition, invalid_argument
+from pagefusion.server.errors import invalid_argument
 from pagefusion.server.inventory import Inventory
 from pagefusion.server.resources import parse_machine_name
 from pagefusion.v1 import guest_memory_pb2 as pb
-from pagefusion.v1 import guest_memory_pb2_grpc, machine_pb2
+from pagefusion.v1 import guest_memory_pb2_grpc
 
 #: Largest ReadGuestMemory / WriteGuestMemory transfer.
 MAX_TRANSFER_BYTES = 4 << 20
@@ -34,14 +34,7 @@ class GuestMemoryServicer(guest_memory_pb2_grpc.GuestMemoryServiceServicer):
     def _running(self, name: str) -> str:
         """The id of the running machine ``name``; NOT_FOUND or FAILED_PRECONDITION otherwise."""
         machine_id = parse_machine_name(name)
-        machine = self._inventory.get(machine_id)
-        if machine.state != machine_pb2.Machine.STATE_RUNNING:
-            raise failed_precondition(
-                name,
-                "the machine is not running (it is "
-                f"{machine_pb2.Machine.State.Name(machine.state)})",
-                reason="MACHINE_NOT_RUNNING",
-            )
+        self._inventory.require_running(machine_id, name)
         return machine_id
 
     async def ReadGuestMemory(

@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import collections
 
-from pagefusion.server.errors import already_exists, not_found
+from pagefusion.server.errors import already_exists, failed_precondition, not_found
 from pagefusion.server.registry import Registry
 from pagefusion.server.resources import MACHINE_TYPE, machine_name
 from pagefusion.v1 import machine_pb2
@@ -50,6 +50,16 @@ class Inventory:
 
     def state(self, machine_id: str) -> machine_pb2.Machine.State:
         return self.get(machine_id).state
+
+    def require_running(self, machine_id: str, name: str) -> None:
+        """NOT_FOUND if there is no such machine, FAILED_PRECONDITION unless it runs."""
+        state = self.state(machine_id)
+        if state != machine_pb2.Machine.STATE_RUNNING:
+            raise failed_precondition(
+                name,
+                f"the machine is not running (it is {machine_pb2.Machine.State.Name(state)})",
+                reason="MACHINE_NOT_RUNNING",
+            )
 
     def set_state(self, machine_id: str, state: machine_pb2.Machine.State) -> None:
         machine = self._machines.get(machine_id)

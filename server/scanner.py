@@ -48,12 +48,13 @@ class BackgroundScanner:
             return 0
         budget = max(1, int(config.pages_per_second * self._tick))
         result = await asyncio.to_thread(self._engine.scan, page_budget=budget)
-        for machine in self._engine.stats().machines:
-            if machine.source_error and self._reported.get(machine.machine_id) != (
-                machine.source_error
-            ):
-                self._reported[machine.machine_id] = machine.source_error
-                log.warning("source_failed", machine=machine.machine_id, error=machine.source_error)
+        if result.failed_machines:  # stats walk every page map: only when there is news
+            failed = set(result.failed_machines)
+            for machine in self._engine.stats().machines:
+                error = machine.source_error
+                if machine.machine_id in failed and self._reported.get(machine.machine_id) != error:
+                    self._reported[machine.machine_id] = error
+                    log.warning("source_failed", machine=machine.machine_id, error=error)
         return result.pages_scanned
 
     async def _run(self) -> None:

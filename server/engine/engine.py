@@ -71,10 +71,10 @@ from dataclasses import replace
 import mmh3
 import numpy as np
 
-from pagefusion.adapters.base import GuestMemory, GuestModule, MemoryRange
+from pagefusion.adapters.base import GuestMemory, GuestModule, InvalidSourceError, MemoryRange
+from pagefusion.adapters.helpers import validate_ranges
 from pagefusion.server.engine.errors import (
     AlreadyExistsError,
-    EngineError,
     FailedPreconditionError,
     InvalidArgumentError,
     MachineNotRunningError,
@@ -104,6 +104,13 @@ PREFAULT_BATCHES = 2
 _ZERO_PAGE = bytes(PAGE_SIZE)
 _STABLE_MAX = 255
 _BINCOUNT_ABOVE = 65536
+
+
+def _ranks(groups: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Stable order of ``groups``, the groups in that order, and each one's rank in its group."""
+    order = np.argsort(groups, kind="stable")
+    ordered = groups[order]
+    return order, ordered, np.arange(len(order)) - np.searchsorted(ordered, ordered)
 
 
 def _idle(memory: GuestMemory) -> None:
@@ -334,10 +341,6 @@ class FusionEngine:
         with self._lock:
             return sorted(k for k, m in self._machines.items() if m.running)
 
-    def ranges(self, machine_id: str) -> list[MemoryRange]:
-        with self._lock:
-            return list(self._running(machine_id).ranges)
-
     def modules(self, machine_id: str) -> Sequence[GuestModule]:
         """The modules the machine's source reports (a guest agent's view)."""
         with self._lock:
@@ -346,21 +349,10 @@ class FusionEngine:
 
     def _checked_ranges(self, machine_id: str, memory: GuestMemory) -> list[MemoryRange]:
         ranges = list(memory.ranges())
-        if not ranges:
-            raise InvalidArgumentError(
-                f"the memory source of machine {machine_id!r} has no memory",
-                field="machine.memory_source",
-            )
-        end = -1
-        for r in ranges:
-            if r.address % PAGE_SIZE or r.size % PAGE_SIZE or r.size <= 0 or r.address < end:
-                raise InvalidArgumentError(
-                    f"the memory source of machine {machine_id!r} gave an unusable range "
-                    f"{r.address:#x}+{r.size:#x} (ranges must be page aligned, sorted and "
-                    "not overlap)",
-                    field="machine.memory_source",
-                )
-            end = r.end
+        try:
+            validate_ranges(ranges, f"the memory source of machine {machine_id!r}")
+        except InvalidSourceError as exc:
+            raise InvalidArgumentError(str(exc), field="machine.memory_source") from None
         return ranges
 
     def _read_source(self, machine: _Machine, address: int, pages: int) -> np.ndarray:
@@ -466,9 +458,15 @@ class FusionEngine:
         return 0
 
     def _equal_rows(
-        self, left: np.ndarray, left_rows: np.ndarray, right: np.ndarray, right_rows: np.ndarray
+        self,
+        left: np.ndarray,
+        left_rows: np.ndarray,
+        right: np.ndarray,
+        right_rows: np.ndarray | None = None,
     ) -> np.ndarray:
         """Full byte comparison of page pairs: left[left_rows[i]] == right[right_rows[i]].
+
+        ``right_rows`` None means right's rows in order (compared in place).
 
         Works through small reused scratch buffers: gathering a whole batch
         would allocate (and page-fault in) tens of MiB of temporaries each time.
@@ -480,8 +478,12 @@ class FusionEngine:
         for start in range(0, n, step):
             k = min(step, n - start)
             np.take(left, left_rows[start : start + k], axis=0, out=a[:k])
-            np.take(right, right_rows[start : start + k], axis=0, out=b[:k])
-            np.not_equal(a[:k], b[:k], out=diff[:k])
+            if right_rows is None:
+                other = right[start : start + k]
+            else:
+                other = b[:k]
+                np.take(right, right_rows[start : start + k], axis=0, out=other)
+            np.not_equal(a[:k], other, out=diff[:k])
             np.logical_not(diff[:k].any(axis=1), out=out[start : start + k])
         return out
 
@@ -608,10 +610,7 @@ class FusionEngine:
         member = np.ones(len(inverse), dtype=bool)
         member[odd] = False
         idx = np.flatnonzero(member)
-        groups = inverse[idx]
-        order = np.argsort(groups, kind="stable")
-        sorted_groups = groups[order]
-        rank = np.arange(len(order)) - np.searchsorted(sorted_groups, sorted_groups)
+        order, sorted_groups, rank = _ranks(inverse[idx])
         over = rank >= MAX_REFCOUNT
         rows = idx[order][over]
         pairs = sorted_groups[over] * (len(inverse) + 1) + rank[over] // MAX_REFCOUNT
@@ -912,13 +911,9 @@ class FusionEngine:
         old = frames[candidates]
         target = canonical[candidates]
         equal = self._equal_rows(pool.words, old, pool.words, target)
-        candidates, old, target = candidates[equal], old[equal], target[equal]
+        candidates = self._within_room(candidates[equal], target[equal])
+        old, target = frames[candidates], canonical[candidates]
         uniq, counts = np.unique(target, return_counts=True)
-        room = pool.refs(uniq) + counts <= MAX_REFCOUNT
-        if not room.all():  # a saturated canonical frame takes no more users
-            fits = np.isin(target, uniq[room])
-            candidates, old, target = candidates[fits], old[fits], target[fits]
-            uniq, counts = uniq[room], counts[room]
         self._incref(uniq, counts)
         machine.map[pages[candidates]] = target
         self._decref(old, machine.domain)
@@ -971,11 +966,7 @@ class FusionEngine:
                     n = min(n, budget)
                 try:
                     done, f, c = self._scan_batch(machine, pos, n)
-                except EngineError as exc:
-                    failed.append(machine.machine_id)
-                    machine.source_error = exc.message
-                    break
-                except Exception as exc:  # an adapter error: keep the other machines going
+                except Exception as exc:  # the source failed: keep the other machines going
                     failed.append(machine.machine_id)
                     machine.source_error = str(exc)
                     break
@@ -1043,16 +1034,12 @@ class FusionEngine:
         assert machine.stable is not None
         n = len(fresh)
         frames = machine.map[first : first + n]
-        everything = np.arange(n)
-        changed = np.flatnonzero(
-            ~self._equal_rows(self._pool.words, frames, fresh.view(np.uint64), everything)
-        )
+        changed = np.flatnonzero(~self._equal_rows(self._pool.words, frames, fresh.view(np.uint64)))
         stable = machine.stable[first : first + n]
         np.minimum(stable.astype(np.int16) + 1, _STABLE_MAX, out=stable, casting="unsafe")
         copied = 0
-        for i in changed.tolist():
+        for i in changed.tolist():  # _write_page also marks the page volatile again
             copied += self._write_page(machine, first + i, 0, fresh[i].data)
-            stable[i] = 0
         return copied
 
     def _fuse_existing(self, machine: _Machine, lo: int, hi: int) -> int:
@@ -1105,9 +1092,7 @@ class FusionEngine:
 
         Moves past a frame's room stay where they are until a later scan.
         """
-        order = np.argsort(targets, kind="stable")
-        sorted_targets = targets[order]
-        rank = np.arange(len(order)) - np.searchsorted(sorted_targets, sorted_targets)
+        order, sorted_targets, rank = _ranks(targets)
         room = MAX_REFCOUNT - self._pool.refs(sorted_targets)
         return np.sort(moves[order[rank < room]])
 
@@ -1140,7 +1125,7 @@ class FusionEngine:
         )
 
     def stats(self) -> FusionStats:
-        """Host counters and one entry per running machine, from one instant."""
+        """Host counters and one entry per machine (running or starting), from one instant."""
         with self._lock:
             # Machines still starting are included (flagged): their pages
             # already hold frames, and the host figures count them.
@@ -1175,7 +1160,3 @@ class FusionEngine:
                 self._drop(m)
         for m in machines:
             m.memory.close()
-
-    def _check_idle(self) -> None:  # pragma: no cover - debugging aid
-        if self._machines:
-            raise FailedPreconditionError("machines are still running")

@@ -78,10 +78,6 @@ class FusionIndex:
         if len(keys):
             self._pending.append(entries(keys, frames))
 
-    @property
-    def has_pending(self) -> bool:
-        return bool(self._pending)
-
     def flush(self) -> None:
         """Apply scheduled removals."""
         if not self._pending:
