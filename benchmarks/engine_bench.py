@@ -97,8 +97,8 @@ def main() -> None:
     rss0 = rss_bytes()
     cpu0 = resource.getrusage(resource.RUSAGE_SELF)
     t0 = time.perf_counter()
-    for i, g in enumerate(guests):
-        engine.start_machine(f"vm-{i}", ArrayMemory(g), page_fusion=True)
+    for i, guest in enumerate(guests):
+        engine.start_machine(f"vm-{i}", ArrayMemory(guest), page_fusion=True)
     t_ingest = time.perf_counter() - t0
     cpu1 = resource.getrusage(resource.RUSAGE_SELF)
     rss1 = rss_bytes()
@@ -145,7 +145,7 @@ def main() -> None:
 
     for i in range(args.machines):
         engine.stop_machine(f"vm-{i}")
-    del guests
+    del guests, guest  # the loop variable would keep the last guest alive
     gc.collect()
     h = engine.stats().host
     print(

@@ -323,12 +323,16 @@ class FusionEngine:
                 self._drop(machine)
             memory.close()
             raise
+        finally:
+            with self._lock:
+                self._pool.trim()
 
     def stop_machine(self, machine_id: str) -> None:
         """Release a running machine's pages and close its source."""
         with self._lock:
             machine = self._running(machine_id)
             self._drop(machine)
+            self._pool.trim()
         with contextlib.suppress(Exception):  # a vanished source must not block the stop
             machine.memory.close()
 

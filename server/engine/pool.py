@@ -358,6 +358,25 @@ class FramePool:
             self._prefaulter.submit(start * PAGE_SIZE, (end - start) * PAGE_SIZE)
             self._populated = end
 
+    def trim(self) -> None:
+        """Give back frames populated ahead of need that no ingest is using.
+
+        Called when an ingest ends and when a machine stops: what prefault()
+        populated beyond the high-water mark would otherwise stay resident.
+        """
+        if self._prefaulter is None or self._populated <= self._hwm:
+            return
+        self._prefaulter.wait()
+        start = -(-self._hwm // CHUNK_FRAMES) * CHUNK_FRAMES
+        if self._populated > start:
+            with contextlib.suppress(OSError):
+                self._mm.madvise(
+                    mmap.MADV_DONTNEED,
+                    self._offset + start * PAGE_SIZE,
+                    (self._populated - start) * PAGE_SIZE,
+                )
+        self._populated = self._hwm
+
     def close(self) -> None:
         if self._prefaulter is not None:
             self._prefaulter.stop()
@@ -373,7 +392,7 @@ class _Prefaulter:
     def __init__(self, base: int, madvise: Callable[..., int]) -> None:
         self._base = base
         self._madvise = madvise
-        self._queue: queue.SimpleQueue[tuple[int, int] | None] = queue.SimpleQueue()
+        self._queue: queue.Queue[tuple[int, int] | None] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="pagefusion-prefault", daemon=True)
         self._thread.start()
 
@@ -395,16 +414,23 @@ class _Prefaulter:
     def submit(self, offset: int, length: int) -> None:
         self._queue.put((offset, length))
 
+    def wait(self) -> None:
+        """Until every span submitted so far is populated."""
+        self._queue.join()
+
     def _run(self) -> None:
         while True:
             item = self._queue.get()
-            if item is None:
-                return
-            offset, length = item
-            # ctypes releases the GIL for the call: the kernel works on the
-            # other core while ingest hashes. Failure (ENOMEM) is harmless:
-            # the copy will fault the pages in itself.
-            self._madvise(self._base + offset, length, self.MADV_POPULATE_WRITE)
+            try:
+                if item is None:
+                    return
+                offset, length = item
+                # ctypes releases the GIL for the call: the kernel works on the
+                # other core while ingest hashes. Failure (ENOMEM) is harmless:
+                # the copy will fault the pages in itself.
+                self._madvise(self._base + offset, length, self.MADV_POPULATE_WRITE)
+            finally:
+                self._queue.task_done()
 
     def stop(self) -> None:
         self._queue.put(None)

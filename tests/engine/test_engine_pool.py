@@ -67,3 +67,32 @@ def test_metadata_is_small():
     # refcount (2) + flags (1) + free stack (4, only when frames are free)
     assert pool.metadata_bytes / (32 * CHUNK_FRAMES) < 8
     assert np.all(pool.refcount == 0)
+
+
+def _resident_bytes(pool: FramePool) -> int:
+    """Resident bytes of the mapping that holds the pool's arena (/proc/self/smaps)."""
+    import re
+
+    base = pool.frames.ctypes.data
+    inside = False
+    with open("/proc/self/smaps") as smaps:
+        for line in smaps:
+            span = re.match(r"([0-9a-f]+)-([0-9a-f]+) ", line)
+            if span:
+                inside = int(span.group(1), 16) <= base < int(span.group(2), 16)
+            elif inside and line.startswith("Rss:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def test_frames_populated_ahead_are_given_back_by_trim():
+    pool = FramePool(64 * CHUNK_FRAMES)
+    if pool._prefaulter is None:  # kernels before 5.14: nothing is populated ahead
+        pool.trim()
+        assert _resident_bytes(pool) == 0
+        return
+    pool.prefault(8 * CHUNK_FRAMES)
+    pool._prefaulter.wait()
+    assert _resident_bytes(pool) >= 4 * CHUNK_FRAMES * 4096
+    pool.trim()
+    assert _resident_bytes(pool) <= CHUNK_FRAMES * 4096  # at most the chunk holding the mark
