@@ -260,6 +260,7 @@ def format_fusion_stats(stats: Any) -> str:
             ("Volatile pages", str(host.volatile_pages)),
             ("Full scans", str(host.full_scans)),
             ("Metadata", size_text(host.metadata_bytes)),
+            ("Profit", f"{size_text(host.profit_bytes)} (saved + zero - metadata)"),
         ]
     )
     if stats.machines:

@@ -11,6 +11,7 @@ from grpc import aio
 from pagefusion.server.engine import FusionConfig, FusionEngine, FusionMode, FusionStats
 from pagefusion.server.errors import invalid_argument
 from pagefusion.server.inventory import Inventory
+from pagefusion.server.metrics_catalog import profit_bytes
 from pagefusion.server.registry import Registry
 from pagefusion.server.resources import machine_name, parse_machine_name
 from pagefusion.v1 import fusion_pb2 as pb
@@ -43,6 +44,7 @@ def stats_to_proto(stats: FusionStats) -> pb.GetFusionStatsResponse:
             full_scans=host.full_scans,
             metadata_bytes=host.metadata_bytes,
             frames_free=host.frames_free,
+            profit_bytes=profit_bytes(host),
         ),
         machines=[
             pb.MachineFusionStats(

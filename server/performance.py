@@ -2,7 +2,9 @@
 
 Read ``reference/page-fusion.md`` ("Metrics") for the behaviour copied here.
 
-Every base metric of every object (``host``, or the id of a running machine)
+The metrics themselves (names, descriptions, how each is computed) come from
+``metrics_catalog``, which the Prometheus exporter reads too. Every base
+metric of every object (``host``, or the id of a running machine)
 is a *series*: a ring buffer of ``sample_count`` values, collected every
 ``period_seconds`` while enabled. One sampler, off the request path, reads
 ``FusionEngine.stats()`` once per tick and records every series that is due
@@ -10,6 +12,9 @@ from that one call, so the figures inside a sample come from one instant:
 
     sum of Guest/RAM/Usage/Total over machines
         = RAM/VMM/Used + RAM/VMM/Shared + RAM/VMM/Zero
+
+and ``RAM/VMM/Profit`` (KSM's general_profit) is ``RAM/VMM/Shared +
+RAM/VMM/Zero`` minus the engine's metadata, never below 0.
 
 Names follow VBoxManage: every base metric is also listed and queried as
 ``NAME:avg``, ``NAME:min`` and ``NAME:max``, computed over the buffer when
@@ -45,6 +50,12 @@ from grpc import aio
 from pagefusion.server.engine import FusionEngine
 from pagefusion.server.engine.types import PAGE_SIZE, FusionStats, HostStats, MachineStats
 from pagefusion.server.errors import invalid_argument, not_found
+from pagefusion.server.metrics_catalog import (
+    PERFORMANCE_METRICS,
+    PERFORMANCE_UNIT,
+    CatalogEntry,
+    ObjectKind,
+)
 from pagefusion.server.resources import MACHINE_ID_RE, MACHINE_TYPE, machine_name
 from pagefusion.v1 import performance_pb2 as pb
 from pagefusion.v1 import performance_pb2_grpc
@@ -52,7 +63,7 @@ from pagefusion.v1 import performance_pb2_grpc
 log = structlog.get_logger(__name__)
 
 HOST = "host"
-UNIT = "kB"
+UNIT = PERFORMANCE_UNIT
 KB_PER_PAGE = PAGE_SIZE // 1024
 DEFAULT_PERIOD = 1
 DEFAULT_COUNT = 1
@@ -72,61 +83,25 @@ _MAX_PATTERN = 256
 #: Longest the sampler sleeps, so machines that start are picked up promptly.
 MAX_SAMPLER_WAIT = 1.0
 
-ObjectKind = Literal["host", "machine"]
-
 
 @dataclass(frozen=True, slots=True)
 class MetricDef:
-    """A base metric: its name, which objects have it, and how to read it."""
+    """A base metric: its name, which objects have it, and how to read it (in kB)."""
 
     name: str
     kind: ObjectKind
     description: str
-    pages: Callable[[HostStats | MachineStats], int]
+    entry: CatalogEntry
+
+    def value(self, stats: HostStats | MachineStats) -> int:
+        """The sample recorded from one stats reading."""
+        return self.entry.performance_value(stats)
 
 
-def _host(read: Callable[[HostStats], int]) -> Callable[[HostStats | MachineStats], int]:
-    def pages(stats: HostStats | MachineStats) -> int:
-        assert isinstance(stats, HostStats)
-        return read(stats)
-
-    return pages
-
-
-def _machine(read: Callable[[MachineStats], int]) -> Callable[[HostStats | MachineStats], int]:
-    def pages(stats: HostStats | MachineStats) -> int:
-        assert isinstance(stats, MachineStats)
-        return read(stats)
-
-    return pages
-
-
-#: Every base metric, in the order they are listed (DESIGN.md, "Metrics").
-METRICS: tuple[MetricDef, ...] = (
-    MetricDef("RAM/VMM/Used", "host",
-              "Host memory backing guest pages (frames used).",
-              _host(lambda h: h.frames_used)),
-    MetricDef("RAM/VMM/Free", "host",
-              "Memory the frame pool holds but no guest page uses.",
-              _host(lambda h: h.frames_free)),
-    MetricDef("RAM/VMM/Shared", "host",
-              "Memory page fusion saves: extra references to shared frames (pages saved).",
-              _host(lambda h: h.pages_saved)),
-    MetricDef("RAM/VMM/Zero", "host",
-              "Zero pages of running machines, backed by no host memory.",
-              _host(lambda h: h.zero_pages)),
-    MetricDef("Guest/RAM/Usage/Total", "machine",
-              "Mapped guest memory of the machine.",
-              _machine(lambda m: m.guest_pages)),
-    MetricDef("Guest/RAM/Usage/Shared", "machine",
-              "Guest memory in pages that share a host frame.",
-              _machine(lambda m: m.shared_pages)),
-    MetricDef("Guest/RAM/Usage/Private", "machine",
-              "Guest memory in pages with a host frame of their own.",
-              _machine(lambda m: m.private_pages)),
-    MetricDef("Guest/RAM/Usage/Zero", "machine",
-              "Guest memory in zero pages, backed by no host memory.",
-              _machine(lambda m: m.zero_pages)),
+#: Every base metric, in the order they are listed (DESIGN.md, "Metrics"): the
+#: catalog's entries that have a VirtualBox name (shared with Prometheus).
+METRICS: tuple[MetricDef, ...] = tuple(
+    MetricDef(e.metric, e.kind, e.description, e) for e in PERFORMANCE_METRICS.values()
 )
 _BY_NAME = {m.name: m for m in METRICS}
 
@@ -483,7 +458,7 @@ class MetricsCollector:
                 )
                 if source is None:  # added after these stats were read
                     continue
-                s.values.append(_BY_NAME[name].pages(source) * KB_PER_PAGE)
+                s.values.append(_BY_NAME[name].value(source))
                 s.due = s.due + s.period if s.due + s.period > now else now + s.period
                 sampled.add((obj, name))
         if sampled:

@@ -1,7 +1,8 @@
 """Prometheus ``/metrics`` (``--metrics-listen HOST:PORT``): the engine's figures and gRPC's.
 
-The figures are read from ``FusionEngine.stats()`` at scrape time, by a
-custom collector on a registry of our own (never the global one), so a
+The figures are those of ``metrics_catalog`` (shared with PerformanceService,
+so names, help and values cannot drift), read from ``FusionEngine.stats()``
+at scrape time by a custom collector on a registry of our own (never the global one), so a
 scrape is one consistent instant and costs nothing between scrapes. Names
 follow Prometheus conventions: a ``pagefusion_`` prefix, bytes as the unit,
 ``_total`` on counters, a ``machine`` label per running machine:
@@ -10,6 +11,7 @@ follow Prometheus conventions: a ``pagefusion_`` prefix, bytes as the unit,
     pagefusion_host_free_bytes           RAM/VMM/Free
     pagefusion_host_pages_saved_bytes    RAM/VMM/Shared
     pagefusion_host_zero_bytes           RAM/VMM/Zero
+    pagefusion_host_profit_bytes         RAM/VMM/Profit
     pagefusion_machine_guest_bytes       Guest/RAM/Usage/Total (and _shared, _private, _zero)
 
 so ``sum(pagefusion_machine_guest_bytes) == pagefusion_host_frames_used_bytes
@@ -38,11 +40,11 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.exposition import start_http_server
 from prometheus_client.registry import Collector
 
-from pagefusion.server.engine.types import PAGE_SIZE, FusionStats
+from pagefusion.server.engine.types import FusionStats
+from pagefusion.server.metrics_catalog import CATALOG, NAMESPACE, running_machines
 
 log = structlog.get_logger(__name__)
 
-NAMESPACE = "pagefusion"
 #: Latency buckets of go-grpc-prometheus, in seconds.
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
@@ -55,65 +57,24 @@ class FusionCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         stats = self._stats()
-        host = stats.host
-
-        def gauge(name: str, doc: str, pages: int) -> GaugeMetricFamily:
-            return GaugeMetricFamily(f"{NAMESPACE}_{name}", doc, value=pages * PAGE_SIZE)
-
-        yield gauge("host_frames_used_bytes",
-                    "Host memory backing guest pages: distinct frames in use (RAM/VMM/Used).",
-                    host.frames_used)
-        yield gauge("host_free_bytes",
-                    "Memory the frame pool holds but no guest page uses (RAM/VMM/Free).",
-                    host.frames_free)
-        yield gauge("host_pages_saved_bytes",
-                    "Memory page fusion saves: extra references to shared frames "
-                    "(RAM/VMM/Shared; KSM's pages_sharing).", host.pages_saved)
-        yield gauge("host_zero_bytes",
-                    "Zero guest pages of running machines, backed by no host memory "
-                    "(RAM/VMM/Zero).", host.zero_pages)
-        yield gauge("host_guest_bytes",
-                    "Mapped guest memory of all machines (= used + saved + zero).",
-                    host.guest_pages)
-        yield gauge("host_private_bytes", "Guest memory in pages with a frame of their own.",
-                    host.private_pages)
-        yield gauge("host_shared_bytes", "Guest memory in pages that share a frame.",
-                    host.shared_pages)
-        yield gauge("host_frames_shared_bytes",
-                    "Frames used by two or more guest pages (KSM's pages_shared).",
-                    host.frames_shared)
-        yield gauge("host_volatile_bytes",
-                    "Guest memory changed too recently to fuse (KSM's volatile rule).",
-                    host.volatile_pages)
-        yield GaugeMetricFamily(f"{NAMESPACE}_metadata_bytes",
-                                "Engine bookkeeping: page maps, refcounts, fusion index.",
-                                value=host.metadata_bytes)
-        yield GaugeMetricFamily(f"{NAMESPACE}_pool_reserved_bytes",
-                                "Address space reserved for the frame pool (its budget).",
-                                value=host.pool_bytes_reserved)
-        yield CounterMetricFamily(f"{NAMESPACE}_full_scans",
-                                  "Scans that covered every running machine.",
-                                  value=host.full_scans)
-        yield GaugeMetricFamily(f"{NAMESPACE}_machines_running", "Running machines.",
-                                value=sum(1 for m in stats.machines if not m.starting))
-
-        per_machine = (
-            ("guest_bytes", "Mapped guest memory of a machine (Guest/RAM/Usage/Total).",
-             lambda m: m.guest_pages),
-            ("shared_bytes", "A machine's memory in shared pages (Guest/RAM/Usage/Shared).",
-             lambda m: m.shared_pages),
-            ("private_bytes", "A machine's memory in private pages (Guest/RAM/Usage/Private).",
-             lambda m: m.private_pages),
-            ("zero_bytes", "A machine's memory in zero pages (Guest/RAM/Usage/Zero).",
-             lambda m: m.zero_pages),
-            ("volatile_bytes", "A machine's memory changed too recently to fuse.",
-             lambda m: m.volatile_pages),
-        )
-        for suffix, doc, pages in per_machine:
-            family = GaugeMetricFamily(f"{NAMESPACE}_machine_{suffix}", doc, labels=["machine"])
-            for m in stats.machines:
-                family.add_metric([m.machine_id], pages(m) * PAGE_SIZE)
+        for entry in CATALOG:
+            family: GaugeMetricFamily | CounterMetricFamily
+            family_type = (
+                CounterMetricFamily if entry.prometheus_type == "counter" else GaugeMetricFamily
+            )
+            if entry.kind == "host":
+                family = family_type(
+                    entry.prometheus_name, entry.prometheus_help, value=entry.read(stats.host)
+                )
+            else:
+                family = family_type(
+                    entry.prometheus_name, entry.prometheus_help, labels=["machine"]
+                )
+                for m in stats.machines:
+                    family.add_metric([m.machine_id], entry.read(m))
             yield family
+        yield GaugeMetricFamily(f"{NAMESPACE}_machines_running", "Running machines.",
+                                value=running_machines(stats))
 
 
 def _code(context: aio.ServicerContext, default: grpc.StatusCode) -> grpc.StatusCode:

@@ -130,6 +130,7 @@ def test_fusion_verbs(cli: Cli, machine_id: str) -> None:
         stats = cli.ok("fusion", "stats")
         assert stats.startswith("Guest pages:")
         assert "Pages saved:" in stats
+        assert "Profit:" in stats
         assert any(line.startswith(f"{machine_id}-1 ") for line in stats.splitlines())
         scan = cli.ok("fusion", "scan", f"{machine_id}-1", f"{machine_id}-2").splitlines()
         assert scan[0].startswith("Pages scanned:")

@@ -186,10 +186,13 @@ def test_fusion_stats_and_config() -> None:
             frames_used=400,
             frames_shared=100,
             pages_saved=500,
+            metadata_bytes=8192,
+            profit_bytes=600 * 4096 - 8192,
         ),
         machines=[fusion_pb2.MachineFusionStats(name="machines/a", guest_pages=1000)],
     )
     text = formatting.format_fusion_stats(stats)
+    assert "Profit:                      2.34 MiB (saved + zero - metadata)" in text
     assert "Pages saved:                 500 (1.95 MiB), 50.0% of guest pages" in text
     assert any(line.startswith("a ") and " 1000 " in line for line in text.splitlines())
     config = fusion_pb2.FusionConfig(
