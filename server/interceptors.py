@@ -19,6 +19,7 @@ from typing import Any
 
 import grpc
 import structlog
+from google.protobuf.message import Message
 from grpc import aio
 
 from pagefusion.server.errors import current_resource, to_status
@@ -40,7 +41,9 @@ def _cancelled(exc: BaseException) -> bool:
 
 
 @contextlib.asynccontextmanager
-async def _guard(method: str, request_id: str, context: aio.ServicerContext) -> AsyncIterator[None]:
+async def _guard(
+    method: str, request_id: str, context: aio.ServicerContext, request: Any = None
+) -> AsyncIterator[None]:
     """Run one RPC: bind its request id, map escaping errors, log one line."""
     start = time.perf_counter()
     code = grpc.StatusCode.OK
@@ -56,7 +59,7 @@ async def _guard(method: str, request_id: str, context: aio.ServicerContext) -> 
             if _cancelled(exc):
                 code = grpc.StatusCode.CANCELLED
                 raise
-            status = to_status(exc)
+            status = to_status(exc, request if isinstance(request, Message) else None)
             code = status.code
             await context.abort(status.code, status.details, status.trailing_metadata)
         finally:
@@ -90,7 +93,7 @@ class ServerInterceptor(aio.ServerInterceptor):
             unary: Any = handler.unary_unary
 
             async def unary_unary(request: Any, context: aio.ServicerContext) -> Any:
-                async with _guard(method, request_id, context):
+                async with _guard(method, request_id, context, request):
                     return await unary(request, context)
 
             return grpc.unary_unary_rpc_method_handler(
@@ -105,14 +108,14 @@ class ServerInterceptor(aio.ServerInterceptor):
 
         if inspect.isasyncgenfunction(streaming):
             async def generator(request: Any, context: aio.ServicerContext) -> AsyncIterator[Any]:
-                async with _guard(method, request_id, context):
+                async with _guard(method, request_id, context, request):
                     async for response in streaming(request, context):
                         yield response
 
             return factory(generator, handler.request_deserializer, handler.response_serializer)
 
         async def writer(request: Any, context: aio.ServicerContext) -> None:
-            async with _guard(method, request_id, context):
+            async with _guard(method, request_id, context, request):
                 await streaming(request, context)
 
         return factory(writer, handler.request_deserializer, handler.response_serializer)

@@ -23,7 +23,7 @@ from grpc import aio
 from pagefusion.adapters.base import Adapter, AdapterContext
 from pagefusion.adapters.registry import open_source
 from pagefusion.server.engine import FusionEngine
-from pagefusion.server.errors import failed_precondition, invalid_argument
+from pagefusion.server.errors import failed_precondition, invalid_argument, option_field, quote
 from pagefusion.server.inventory import Inventory
 from pagefusion.server.resources import (
     MACHINE_ID_RE,
@@ -92,7 +92,7 @@ class MachineServicer(machine_pb2_grpc.MachineServiceServicer):
             # `host` names the host object of the performance metrics.
             raise invalid_argument(
                 "machine_id",
-                f"machine id {machine_id!r} is reserved (it names the host in metrics)",
+                f"machine id {quote(machine_id)} is reserved (it names the host in metrics)",
             )
         machine = Machine()
         machine.CopyFrom(request.machine)
@@ -259,7 +259,7 @@ class MachineServicer(machine_pb2_grpc.MachineServiceServicer):
         if not MACHINE_ID_RE.fullmatch(machine.fusion_domain):
             raise invalid_argument(
                 "machine.fusion_domain",
-                f"invalid fusion domain {machine.fusion_domain!r}: lowercase letters, digits "
+                f"invalid fusion domain {quote(machine.fusion_domain)}: lowercase letters, digits "
                 "and '-', 1 to 63 characters, starting with a letter",
             )
         adapter_name = machine.memory_source.adapter
@@ -270,14 +270,15 @@ class MachineServicer(machine_pb2_grpc.MachineServiceServicer):
             known = ", ".join(sorted(self._adapters)) or "none"
             raise invalid_argument(
                 "machine.memory_source.adapter",
-                f"unknown adapter {adapter_name!r} (known adapters: {known})",
+                f"unknown adapter {quote(adapter_name)} (known adapters: {known})",
             )
         for option in machine.memory_source.options:
             if option not in adapter.options:
                 accepted = ", ".join(sorted(adapter.options)) or "none"
                 raise invalid_argument(
-                    f"machine.memory_source.options[{option}]",
-                    f"adapter {adapter_name!r} has no option {option!r} (accepted: {accepted})",
+                    option_field(option),
+                    f"adapter {adapter_name!r} has no option {quote(option)} "
+                    f"(accepted: {accepted})",
                     reason="INVALID_OPTION",
                 )
 
@@ -293,7 +294,7 @@ def _mask_paths(mask: field_mask_pb2.FieldMask) -> list[str]:
         if path not in MUTABLE_FIELDS and path not in _SUBFIELDS:
             raise invalid_argument(
                 "update_mask",
-                f"unknown or immutable field {path!r} (mutable: {', '.join(MUTABLE_FIELDS)})",
+                f"unknown or immutable field {quote(path)} (mutable: {', '.join(MUTABLE_FIELDS)})",
             )
         paths.append(path)
     return paths

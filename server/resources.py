@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from pagefusion.server.errors import current_resource, invalid_argument
+from pagefusion.server.errors import current_resource, invalid_argument, quote
 
 MACHINE_ID_RE = re.compile(r"^[a-z][a-z0-9-]{0,62}$")
 #: Ids CreateMachine refuses: they name other objects (`host` in metrics).
@@ -21,7 +21,7 @@ def machine_name(machine_id: str) -> str:
 def check_machine_id(machine_id: str, field: str = "machine_id") -> str:
     """Return ``machine_id`` if valid, else raise INVALID_ARGUMENT naming ``field``."""
     if not MACHINE_ID_RE.fullmatch(machine_id):
-        raise invalid_argument(field, f"invalid machine id {machine_id!r}: {_ID_RULE}")
+        raise invalid_argument(field, f"invalid machine id {quote(machine_id)}: {_ID_RULE}")
     return machine_id
 
 
@@ -34,7 +34,7 @@ def parse_machine_name(name: str, field: str = "name") -> str:
     prefix = f"{COLLECTION}/"
     if not name.startswith(prefix):
         raise invalid_argument(
-            field, f"invalid machine name {name!r}: expected 'machines/{{machine_id}}'"
+            field, f"invalid machine name {quote(name)}: expected 'machines/{{machine_id}}'"
         )
     machine_id = check_machine_id(name[len(prefix) :], field)
     current_resource.set(name)
