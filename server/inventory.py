@@ -5,10 +5,14 @@ Servicers share one :class:`Inventory`. It keeps every machine in memory
 registry before they become visible. Machine states are never stored: memory
 is RAM, so a restarted server has every machine powered off.
 
-All methods run on the event loop; registry I/O goes to a thread. A
-per-machine asyncio lock serialises changes to one machine (update, delete
-and the state transitions of start and stop) so that a check and the change
-it guards cannot interleave with another call.
+All methods run on the event loop (but :meth:`set_progress`, which a
+start's worker thread calls); registry I/O goes to a thread. A per-machine
+asyncio lock serialises changes to one machine (update, delete and the state
+transitions of start and stop) so that a check and the change it guards
+cannot interleave with another call.
+
+``load_progress`` is derived, never stored: the share of the source read so
+far while a machine starts, 1 while it runs (or stops), 0 powered off.
 """
 
 from __future__ import annotations
@@ -31,6 +35,9 @@ class Inventory:
         self._locks: collections.defaultdict[str, asyncio.Lock] = collections.defaultdict(
             asyncio.Lock
         )
+        # Written by start threads, read on the loop: one float per key, so a
+        # reader sees an old or a new value, never a torn one.
+        self._progress: dict[str, float] = {}
 
     def lock(self, machine_id: str) -> asyncio.Lock:
         """The lock serialising changes to one machine."""
@@ -43,7 +50,20 @@ class Inventory:
             raise not_found(MACHINE_TYPE, machine_name(machine_id))
         copy = machine_pb2.Machine()
         copy.CopyFrom(machine)
+        copy.load_progress = self._load_progress(machine_id, machine.state)
         return copy
+
+    def _load_progress(self, machine_id: str, state: machine_pb2.Machine.State) -> float:
+        if state == machine_pb2.Machine.STATE_STARTING:
+            return self._progress.get(machine_id, 0.0)
+        if state in (machine_pb2.Machine.STATE_RUNNING, machine_pb2.Machine.STATE_STOPPING):
+            return 1.0
+        return 0.0
+
+    def set_progress(self, machine_id: str, done: int, total: int) -> None:
+        """Record a start's progress (pages read of ``total``); callable from any thread."""
+        if total > 0:
+            self._progress[machine_id] = min(max(done / total, 0.0), 1.0)
 
     def ids(self) -> list[str]:
         return sorted(self._machines)
@@ -65,9 +85,12 @@ class Inventory:
         machine = self._machines.get(machine_id)
         if machine is not None:
             machine.state = state
+        # A start begins at 0; once it is over, the state alone says 1 or 0.
+        self._progress.pop(machine_id, None)
 
     async def create(self, machine_id: str, machine: machine_pb2.Machine) -> machine_pb2.Machine:
         """Store a new machine; ALREADY_EXISTS if the id is taken."""
+        machine.ClearField("load_progress")  # derived from the state, never stored
         async with self.lock(machine_id):
             if machine_id in self._machines:
                 raise already_exists(MACHINE_TYPE, machine_name(machine_id))
@@ -78,6 +101,7 @@ class Inventory:
 
     async def replace(self, machine_id: str, machine: machine_pb2.Machine) -> machine_pb2.Machine:
         """Store new values of an existing machine. Hold :meth:`lock` around check and call."""
+        machine.ClearField("load_progress")  # derived from the state, never stored
         await asyncio.to_thread(self._registry.update_machine, machine_id, machine)
         machine.state = self._machines[machine_id].state
         self._machines[machine_id] = machine

@@ -58,7 +58,7 @@ MUTABLE_FIELDS = (
 #: Fields the engine is started with: changeable only while powered off.
 FUSION_FIELDS = ("page_fusion_enabled", "fusion_domain")
 #: Output-only fields: ignored in update masks (AIP-161).
-OUTPUT_ONLY_FIELDS = ("name", "state", "create_time")
+OUTPUT_ONLY_FIELDS = ("name", "state", "create_time", "load_progress")
 _SUBFIELDS = {"memory_source.adapter", "memory_source.options"}
 
 
@@ -193,8 +193,18 @@ class MachineServicer(machine_pb2_grpc.MachineServiceServicer):
             memory,
             page_fusion=machine.page_fusion_enabled,
             fusion_domain=machine.fusion_domain or DEFAULT_FUSION_DOMAIN,
-            progress=_progress_logger(machine_id),
+            progress=self._progress(machine_id),
         )
+
+    def _progress(self, machine_id: str) -> Callable[[int, int], None]:
+        """The engine's progress callback: GetMachine's load_progress, and the log."""
+        log_progress = _progress_logger(machine_id)
+
+        def progress(done: int, total: int) -> None:
+            self._inventory.set_progress(machine_id, done, total)
+            log_progress(done, total)
+
+        return progress
 
     async def StopMachine(
         self, request: machine_pb2.StopMachineRequest, context: aio.ServicerContext
