@@ -31,6 +31,7 @@ from grpc_status import rpc_status
 
 from pagefusion.adapters import base as adapters
 from pagefusion.server.engine import errors as engine
+from pagefusion.server.logs import log_safely
 
 DOMAIN = "pagefusion.dev"
 
@@ -200,7 +201,7 @@ def to_api_error(exc: BaseException) -> ApiError:
         return _from_engine(exc)
     if isinstance(exc, adapters.AdapterError):
         return _from_adapter(exc)
-    log.error("internal_error", exc_info=exc)
+    log_safely(log, 40, "internal_error", exc_info=exc)
     return ApiError(grpc.StatusCode.INTERNAL, "internal error; see the server log",
                     reason="INTERNAL")
 

@@ -23,6 +23,7 @@ from google.protobuf.message import Message
 from grpc import aio
 
 from pagefusion.server.errors import current_resource, to_status
+from pagefusion.server.logs import log_safely
 
 log = structlog.get_logger("pagefusion.server.rpc")
 
@@ -65,7 +66,8 @@ async def _guard(
         finally:
             if not isinstance(code, grpc.StatusCode):  # context.code() may give an int
                 code = grpc.StatusCode.UNKNOWN
-            log.log(
+            log_safely(
+                log,
                 40 if code is grpc.StatusCode.INTERNAL else 20,
                 "rpc",
                 method=method,
