@@ -443,36 +443,19 @@ def cmd_modifyvm(client: Any, args: argparse.Namespace, out: Output) -> int:
     return EXIT_OK
 
 
-def _spinner(stream: IO[str], label: str, done: threading.Event) -> None:
-    started = time.monotonic()
-    for frame in itertools.cycle("|/-\\"):
-        if done.wait(0.1):
-            break
-        stream.write(f"\r{label} {frame} {time.monotonic() - started:5.1f}s")
-        stream.flush()
-    stream.write(f"\r{label} {time.monotonic() - started:.1f}s   \n")
-    stream.flush()
-
-
 def cmd_startvm(client: Any, args: argparse.Namespace, out: Output) -> int:
+    from pagefusion.clients.progress import progress_for, start_with_progress
+
     results = []
     for raw in args.names:
         name = resolve_machine(client, raw)
-        label = f'Waiting for VM "{raw}" to power on...'
         if out.as_json:
             machine = client.start_machine(name)
-        elif out.stream.isatty():
-            done = threading.Event()
-            spinner = threading.Thread(target=_spinner, args=(out.stream, label, done), daemon=True)
-            spinner.start()
-            try:
-                machine = client.start_machine(name)
-            finally:
-                done.set()
-                spinner.join()
         else:
-            out.text(label + "\n")
-            machine = client.start_machine(name)
+            # As VBoxManage: the wait, its progress (a bar on a terminal,
+            # 0%...10%... otherwise, from GetMachine's load_progress), the outcome.
+            out.text(f'Waiting for VM "{raw}" to power on...\n')
+            machine = start_with_progress(client, name, progress_for(out.stream))
         results.append(machine)
         out.text(f'VM "{raw}" has been successfully started.\n')
     if out.as_json:
@@ -547,7 +530,17 @@ def cmd_fusion_scan(client: Any, args: argparse.Namespace, out: Output) -> int:
     from pagefusion.clients import formatting
 
     names = [resolve_machine(client, n) for n in args.names]
-    result = client.run_scan(names)
+    if out.as_json or not out.stream.isatty():
+        result = client.run_scan(names)  # output for scripts stays the result alone
+    else:
+        from pagefusion.clients.progress import Spinner
+        from pagefusion.clients.resources import machine_id_of
+
+        ids = [machine_id_of(n) for n in names]
+        which = ", ".join(ids[:3]) + (f" and {len(ids) - 3} more" if len(ids) > 3 else "")
+        which = which or "every running machine"
+        with Spinner(out.stream, f"Scanning the live memory of {which}..."):
+            result = client.run_scan(names)
     out.json(to_dict(result))
     out.text(formatting.format_scan(result))
     return EXIT_OK
@@ -695,14 +688,18 @@ def cmd_guest_agent(client: Any, args: argparse.Namespace, out: Output) -> int:
     from pagefusion.clients.guest_agent import GuestAgent
 
     name = resolve_machine(client, args.name)
+    # Progress of registering and checking, on a terminal only (the log lines stay as they are).
+    terminal = out.stream if not out.as_json and out.stream.isatty() else None
     if args.once:
-        report = GuestAgent(client, name, log=out).run_cycle()
+        report = GuestAgent(client, name, log=out, terminal=terminal).run_cycle()
         if report.errors:
             more = len(report.errors) - 1
             _error_line(report.errors[0] + (f" (and {more} more errors)" if more else ""))
             return EXIT_FAILURE
         return EXIT_OK
-    agent = GuestAgent(client, name, log=out, warn=lambda text: _message_line("warning", text))
+    agent = GuestAgent(
+        client, name, log=out, warn=lambda text: _message_line("warning", text), terminal=terminal
+    )
     stop = threading.Event()
     with _stop_on_signals(stop):
         agent.run_forever(args.interval, stop)

@@ -17,11 +17,12 @@ import datetime as dt
 import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import IO, Any, Protocol
 
 import grpc
 
 from pagefusion.clients.errors import PageFusionError
+from pagefusion.clients.progress import ProgressBar, Spinner
 from pagefusion.clients.resources import machine_id_of
 
 ModuleKey = tuple[str, str, int, int]
@@ -99,6 +100,9 @@ class GuestAgent:
         name: the machine's resource name.
         log: where each cycle is reported (the CLI's Output).
         warn: called with each error of a cycle (the CLI prints them to stderr).
+        terminal: a terminal to show each cycle's progress on (registering
+            modules, then the check), erased before the cycle's log line;
+            None shows none.
     """
 
     def __init__(
@@ -108,11 +112,13 @@ class GuestAgent:
         *,
         log: _Log,
         warn: Callable[[str], None] | None = None,
+        terminal: IO[str] | None = None,
     ) -> None:
         self.client = client
         self.name = name
         self.log = log
         self.warn = warn
+        self.terminal = terminal
         self.registered: dict[ModuleKey, Any] = {}
 
     def run_forever(self, interval: float, stop: threading.Event) -> None:
@@ -147,7 +153,31 @@ class GuestAgent:
         report.modules = len(modules)
         current = {module_key(m): m for m in modules}
         self._unregister(report, [k for k in self.registered if k not in current])
-        for key, module in current.items():
+        who = machine_id_of(self.name)
+        bar = (
+            ProgressBar(self.terminal, f"{who}: registering {len(current)} modules",
+                        transient=True)
+            if self.terminal is not None else None
+        )
+        try:
+            self._register(report, current, bar)
+        finally:
+            if bar is not None:
+                bar.abort()  # transient: erased either way, before the check's spinner
+        if self.terminal is None:
+            result = self.client.check_shared_modules(self.name)
+        else:
+            with Spinner(self.terminal, f"{who}: checking the pages of {len(current)} modules"):
+                result = self.client.check_shared_modules(self.name)
+        report.pages_checked = int(result.pages_checked)
+        report.pages_fused = int(result.pages_fused)
+
+    def _register(
+        self, report: CycleReport, current: dict[ModuleKey, Any], bar: ProgressBar | None
+    ) -> None:
+        for done, (key, module) in enumerate(current.items()):
+            if bar is not None:
+                bar.update(done / len(current))
             # Modules this agent registered before are registered again: if the
             # machine was stopped and started meanwhile, the server forgot them
             # (its answer for a known module is "already registered").
@@ -163,9 +193,6 @@ class GuestAgent:
             if key not in self.registered:
                 self.registered[key] = module
                 report.registered.append(_label(module))
-        result = self.client.check_shared_modules(self.name)
-        report.pages_checked = int(result.pages_checked)
-        report.pages_fused = int(result.pages_fused)
 
     def _unregister(self, report: CycleReport, keys: Iterable[ModuleKey]) -> None:
         for key in keys:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 
 import pytest
@@ -68,8 +69,10 @@ def test_createvm_derives_an_id_from_a_free_form_name(cli: Cli, machine_id: str)
 def test_start_modify_poweroff(cli: Cli, machine_id: str) -> None:
     cli.ok("createvm", "--name", machine_id, "--source", memory_source(), "--page-fusion", "off")
     out = cli.ok("startvm", machine_id)
+    # VBoxManage's progress steps (from load_progress) between the two lines
     assert out.splitlines() == [
         f'Waiting for VM "{machine_id}" to power on...',
+        "0%...10%...20%...30%...40%...50%...60%...70%...80%...90%...100%",
         f'VM "{machine_id}" has been successfully started.',
     ]
     assert f'"{machine_id}" {{{machine_id}}}' in cli.ok("list", "runningvms").splitlines()
@@ -253,7 +256,7 @@ def test_module_entry_point(cli: Cli) -> None:
     assert result.returncode == 0, result.stderr
 
 
-def test_startvm_shows_elapsed_time_on_a_terminal(cli: Cli, machine_id: str) -> None:
+def test_startvm_shows_a_progress_bar_on_a_terminal(cli: Cli, machine_id: str) -> None:
     import os
     import pty
 
@@ -281,9 +284,14 @@ def test_startvm_shows_elapsed_time_on_a_terminal(cli: Cli, machine_id: str) -> 
     finally:
         os.close(controller)
     shown = b"".join(chunks).decode()
-    # the waiting line is redrawn in place (\r) with the elapsed seconds, then the result
-    assert f'\rWaiting for VM "{machine_id}" to power on...' in shown
-    assert "s" in shown.split("power on...")[-1]
+    # the waiting line, a bar redrawn in place (\r) up to 100% with the elapsed seconds,
+    # then the result
+    lines = shown.replace("\r\n", "\n").split("\n")
+    assert lines[0] == f'Waiting for VM "{machine_id}" to power on...'
+    bar = lines[1].split("\r")[-1]
+    assert re.fullmatch(r"\[#{30}\] 100% +\d+\.\ds", bar), lines[1]
+    assert lines[1].startswith("\r[")
+    assert "%..." not in shown  # the percent steps are for logs, not terminals
     assert shown.rstrip().endswith(f'VM "{machine_id}" has been successfully started.')
     cli.ok("controlvm", machine_id, "poweroff")
     cli.ok("unregistervm", machine_id)
