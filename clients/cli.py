@@ -10,6 +10,7 @@ Verbs::
     list [--long] vms|runningvms                            showvminfo NAME [--machinereadable]
     fusion stats | fusion scan [NAME...] | fusion config [--mode M] [--background-scan on|off]
                                                          [--pages-per-second N] [--stable-scans N]
+    fusion verify              (exit 1 when the recount finds a problem)
     metrics list|query|enable|disable [--list] [OBJECT [METRIC,...]]
     metrics setup|collect [--period S] [--samples N] [--list] [--detach] [OBJECT [METRIC,...]]
     guest-agent NAME [--interval SECONDS] [--once]
@@ -282,13 +283,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--details", action="store_true", help=argparse.SUPPRESS)
 
     p = verb("fusion", "fusion statistics, scans and configuration", _missing_subcommand)
-    fusion = p.add_subparsers(dest="fusion_verb", metavar="stats|scan|config", parser_class=_Parser)
+    fusion = p.add_subparsers(
+        dest="fusion_verb", metavar="stats|scan|verify|config", parser_class=_Parser
+    )
     fusion.required = True
     sub = fusion.add_parser("stats", parents=[common], help="host-wide and per-machine accounting")
     sub.set_defaults(handler=cmd_fusion_stats)
     sub = fusion.add_parser("scan", parents=[common], help="re-read live sources and fuse")
     sub.add_argument("names", nargs="*", metavar="NAME", help="machines (default: all running)")
     sub.set_defaults(handler=cmd_fusion_scan)
+    sub = fusion.add_parser(
+        "verify", parents=[common], help="recount sharing and accounting (exit 1 if inconsistent)"
+    )
+    sub.set_defaults(handler=cmd_fusion_verify)
     sub = fusion.add_parser("config", parents=[common], help="show or change fusion settings")
     sub.add_argument("--mode", choices=["hints", "content", "all"])
     sub.add_argument("--background-scan", type=_on_off, metavar="on|off")
@@ -544,6 +551,15 @@ def cmd_fusion_scan(client: Any, args: argparse.Namespace, out: Output) -> int:
     out.json(to_dict(result))
     out.text(formatting.format_scan(result))
     return EXIT_OK
+
+
+def cmd_fusion_verify(client: Any, args: argparse.Namespace, out: Output) -> int:
+    from pagefusion.clients import formatting
+
+    result = client.verify_fusion()
+    out.json(to_dict(result))
+    out.text(formatting.format_verify(result))
+    return EXIT_OK if result.consistent else EXIT_FAILURE
 
 
 def cmd_fusion_config(client: Any, args: argparse.Namespace, out: Output) -> int:

@@ -581,6 +581,18 @@ class PageFusionClient:
         request = fusion_pb2.RunScanRequest(names=[machine_name(n) for n in names])
         return self._call(self.fusion.RunScan, request, timeout, default=self.long_timeout)
 
+    def verify_fusion(self, *, timeout: Timeout = _DEFAULT) -> fusion_pb2.VerifyFusionResponse:
+        """An independent recount of the engine's sharing and accounting (like fsck).
+
+        Returns:
+            ``consistent``, ``pages_checked``, ``frames_checked`` and
+            ``problems`` (one line per disagreement; empty when consistent).
+        """
+        return self._call(
+            self.fusion.VerifyFusion, fusion_pb2.VerifyFusionRequest(), timeout,
+            default=self.long_timeout,
+        )
+
     def get_fusion_stats(self, *, timeout: Timeout = _DEFAULT) -> fusion_pb2.GetFusionStatsResponse:
         """Host-wide and per-machine page accounting."""
         return self._call(self.fusion.GetFusionStats, fusion_pb2.GetFusionStatsRequest(), timeout)

@@ -286,3 +286,16 @@ def format_scan(result: Any) -> str:
             ("Pages copied on write", str(result.pages_copied_on_write)),
         ]
     )
+
+
+def format_verify(result: Any) -> str:
+    """``fusion verify``: the verdict, what was checked, then each problem."""
+    text = format_key_values(
+        [
+            ("Consistent", "yes" if result.consistent else "no"),
+            ("Pages checked", str(result.pages_checked)),
+            ("Frames checked", str(result.frames_checked)),
+            ("Problems", str(len(result.problems))),
+        ]
+    )
+    return text + "".join(f"  {problem}\n" for problem in result.problems)
