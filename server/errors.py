@@ -32,6 +32,7 @@ from grpc_status import rpc_status
 from pagefusion.adapters import base as adapters
 from pagefusion.server.engine import errors as engine
 from pagefusion.server.logs import log_safely
+from pagefusion.server.registry import StorageFullError
 
 DOMAIN = "pagefusion.dev"
 
@@ -201,6 +202,14 @@ def to_api_error(exc: BaseException) -> ApiError:
         return _from_engine(exc)
     if isinstance(exc, adapters.AdapterError):
         return _from_adapter(exc)
+    if isinstance(exc, StorageFullError):
+        log_safely(log, 30, "storage_full", data_dir=str(exc.data_dir), error=str(exc))
+        return ApiError(
+            grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc), reason="STORAGE_FULL",
+            details=[error_details_pb2.ResourceInfo(
+                resource_type="pagefusion.dev/DataDir", resource_name=str(exc.data_dir),
+                description="the server's data dir has no space left")],
+        )
     log_safely(log, 40, "internal_error", exc_info=exc)
     return ApiError(grpc.StatusCode.INTERNAL, "internal error; see the server log",
                     reason="INTERNAL")

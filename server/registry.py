@@ -11,14 +11,21 @@ The registry is blocking I/O; the servicers call it through
 ``asyncio.to_thread``. A lock serialises access to the one connection. An
 exclusive lock on ``registry.lock`` keeps a second server off the same data
 dir (the kernel drops it when the process dies, even by kill -9).
+
+A write the data dir has no room for raises :class:`StorageFullError` after
+rolling back: what was stored before stays, the connection stays usable, and
+the next write succeeds once space is freed.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import fcntl
 import os
 import sqlite3
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import cast
 
@@ -31,11 +38,35 @@ _SCHEMA_VERSION = 1
 _FUSION_CONFIG_KEY = "fusion_config"
 
 
+class StorageFullError(OSError):
+    """A registry write found the data dir out of space; nothing was changed.
+
+    Attributes:
+        data_dir: the server's data dir.
+    """
+
+    def __init__(self, data_dir: Path, cause: str) -> None:
+        super().__init__(
+            errno.ENOSPC,
+            f"the data dir {data_dir} is out of space ({cause}); nothing was changed: "
+            "free space there and retry",
+        )
+        self.data_dir = data_dir
+
+
+def _is_full(exc: sqlite3.Error) -> bool:
+    code = getattr(exc, "sqlite_errorcode", None)
+    if code is not None and code & 0xFF == sqlite3.SQLITE_FULL:
+        return True
+    return "disk is full" in str(exc)
+
+
 class Registry:
     """Durable store of machine definitions and the fusion configuration."""
 
     def __init__(self, data_dir: Path) -> None:
         data_dir.mkdir(parents=True, exist_ok=True)
+        self.data_dir = data_dir
         self.path = data_dir / DB_NAME
         self._lock = threading.Lock()
         self._lock_fd = _lock_data_dir(data_dir / LOCK_NAME)
@@ -76,6 +107,18 @@ class Registry:
         self._db.execute("BEGIN IMMEDIATE")
         return _Tx(self._db)
 
+    @contextlib.contextmanager
+    def _writing(self) -> Iterator[None]:
+        """Hold the lock for one write transaction; a full data dir is StorageFullError."""
+        with self._lock:
+            try:
+                with self._transaction():
+                    yield
+            except sqlite3.Error as exc:
+                if _is_full(exc):
+                    raise StorageFullError(self.data_dir, str(exc)) from exc
+                raise
+
     def close(self) -> None:
         with self._lock:
             self._db.close()
@@ -97,26 +140,25 @@ class Registry:
     def insert_machine(self, machine_id: str, machine: machine_pb2.Machine) -> bool:
         """Store a new machine; False if the id is taken."""
         blob = _stored(machine)
-        with self._lock:
-            try:
-                with self._transaction():
-                    self._db.execute(
-                        "INSERT INTO machines (machine_id, machine) VALUES (?, ?)",
-                        (machine_id, blob),
-                    )
-            except sqlite3.IntegrityError:
-                return False
+        try:
+            with self._writing():
+                self._db.execute(
+                    "INSERT INTO machines (machine_id, machine) VALUES (?, ?)",
+                    (machine_id, blob),
+                )
+        except sqlite3.IntegrityError:
+            return False
         return True
 
     def update_machine(self, machine_id: str, machine: machine_pb2.Machine) -> None:
         blob = _stored(machine)
-        with self._lock, self._transaction():
+        with self._writing():
             self._db.execute(
                 "UPDATE machines SET machine = ? WHERE machine_id = ?", (blob, machine_id)
             )
 
     def delete_machine(self, machine_id: str) -> None:
-        with self._lock, self._transaction():
+        with self._writing():
             self._db.execute("DELETE FROM machines WHERE machine_id = ?", (machine_id,))
 
     # fusion configuration
@@ -144,7 +186,7 @@ class Registry:
             pages_per_second=config.pages_per_second,
             stable_scans_before_merge=config.stable_scans_before_merge,
         )
-        with self._lock, self._transaction():
+        with self._writing():
             self._db.execute(
                 "INSERT INTO settings (key, value) VALUES (?, ?)"
                 " ON CONFLICT(key) DO UPDATE SET value = excluded.value",
@@ -162,7 +204,21 @@ class _Tx:
         return self._db
 
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
-        self._db.execute("COMMIT" if exc_type is None else "ROLLBACK")
+        if exc_type is not None:
+            self._rollback()
+            return
+        try:
+            self._db.execute("COMMIT")
+        except BaseException:
+            # A COMMIT that failed (e.g. SQLITE_FULL) may leave the
+            # transaction open: end it so the next write starts clean.
+            self._rollback()
+            raise
+
+    def _rollback(self) -> None:
+        if self._db.in_transaction:
+            with contextlib.suppress(sqlite3.Error):
+                self._db.execute("ROLLBACK")
 
 
 def _lock_data_dir(path: Path) -> int:
