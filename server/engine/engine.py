@@ -81,6 +81,7 @@ from pagefusion.server.engine.errors import (
     OutOfRangeError,
     SourceFailedError,
 )
+from pagefusion.server.engine.frames import FrameTable
 from pagefusion.server.engine.index import FusionIndex
 from pagefusion.server.engine.modules import ModuleRegistry, module_key, region_pages
 from pagefusion.server.engine.pool import MAX_REFCOUNT, FramePool, host_memory_bytes
@@ -95,6 +96,7 @@ from pagefusion.server.engine.types import (
     PageState,
     ScanResult,
 )
+from pagefusion.server.engine.verify import MachineCopy, Snapshot, VerifyResult, recount
 
 #: Pages per ingest batch: large enough to amortise numpy calls, small
 #: enough to keep a batch's temporaries small.
@@ -103,7 +105,12 @@ BATCH_PAGES = 16384
 PREFAULT_BATCHES = 2
 _ZERO_PAGE = bytes(PAGE_SIZE)
 _STABLE_MAX = 255
-_BINCOUNT_ABOVE = 65536
+#: Tries to read a live batch that no write raced with, before skipping it.
+_SCAN_READ_TRIES = 3
+
+
+class _SourceReadError(Exception):
+    """A live source could not be read during a scan (the cause is chained)."""
 
 
 def _ranks(groups: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -133,6 +140,7 @@ class _Machine:
         domain: str,
     ) -> None:
         self.machine_id = machine_id
+        self.slot = 0  # its slot in the frame table, given when it is registered
         self.memory = memory
         self.ranges = ranges
         self.page_fusion = page_fusion
@@ -147,11 +155,24 @@ class _Machine:
         self.map = np.zeros(total, dtype=np.uint32)
         self.ingested = 0
         self.running = False
-        self.zero = 0
+        self.writes = 0  # guest writes so far: a scan's read that raced one is read again
         self.live = bool(getattr(memory, "live", False))
         self.source_error: str | None = None  # why the last scan could not read the source
         # Scans seen unchanged, per page; only live sources change by themselves.
+        # The histogram of those values keeps the volatile count O(1) to read.
         self.stable = np.full(total, _STABLE_MAX, dtype=np.uint8) if self.live else None
+        self.stable_hist = np.zeros(_STABLE_MAX + 1, dtype=np.int64)
+        self.stable_hist[_STABLE_MAX] = total if self.live else 0
+
+    def mark_volatile(self, page: int) -> None:
+        """The page just changed: it must stay unchanged for a while before it fuses."""
+        if self.stable is not None:
+            self.stable_hist[self.stable[page]] -= 1
+            self.stable_hist[0] += 1
+            self.stable[page] = 0
+
+    def volatile_pages(self, threshold: int) -> int:
+        return int(self.stable_hist[:threshold].sum()) if self.stable is not None else 0
 
     def index_of(self, address: int) -> int:
         """Flat page index of the page holding ``address``, or -1 if unmapped."""
@@ -215,15 +236,13 @@ class FusionEngine:
         self._lock = threading.RLock()
         limit = max_pool_bytes if max_pool_bytes is not None else host_memory_bytes()
         self._pool = FramePool(max(1, limit // PAGE_SIZE))
+        self._frames = FrameTable(self._pool, self._forget_frames)
         self._arena = self._pool.frames.data.cast("B")
         self._seed = hash_seed if hash_seed is not None else secrets.randbits(32)
         self._config = replace(config) if config is not None else FusionConfig()
         self._validate_config(self._config)
         self._machines: dict[str, _Machine] = {}
         self._indexes: dict[str, FusionIndex] = {}
-        self._guest_pages = 0
-        self._zero_pages = 0
-        self._frames_shared = 0
         self._full_scans = 0
         self._scan_cursor: tuple[str, int] = ("", 0)
         self._modules = ModuleRegistry()
@@ -299,6 +318,7 @@ class FusionEngine:
                     raise AlreadyExistsError(
                         f"machine {machine_id!r} is already running", reason="MACHINE_RUNNING"
                     )
+                machine.slot = self._frames.add_machine(machine.domain)
                 self._machines[machine_id] = machine
         except BaseException:
             memory.close()
@@ -391,9 +411,8 @@ class FusionEngine:
             return
         self._modules.drop_machine(machine.machine_id)
         frames = machine.map[: machine.ingested]
-        self._decref(frames[frames != 0], machine.domain)
-        self._guest_pages -= machine.ingested
-        self._zero_pages -= machine.zero
+        self._frames.detach(machine.slot, frames[frames != 0])
+        self._frames.remove_machine(machine.slot)
         machine.map = np.zeros(0, dtype=np.uint32)
         machine.ingested = 0
         machine.running = False
@@ -408,17 +427,13 @@ class FusionEngine:
         nonzero = np.flatnonzero(np.bitwise_or.reduce(words, axis=1))
         if len(nonzero):
             if machine.page_fusion and self._config.mode.content:
-                frames = self._fuse_new(data, words, nonzero, machine.domain)
+                frames = self._fuse_new(data, words, nonzero, machine)
             else:
-                frames = self._pool.alloc(len(nonzero))
+                frames = self._frames.allocate(len(nonzero))
                 self._copy_into(frames, data, nonzero)
-                self._pool.refcount[frames] = 1
+                self._frames.attach(machine.slot, frames)
             machine.map[base + nonzero] = frames
-        zeros = n - len(nonzero)
-        machine.zero += zeros
         machine.ingested = base + n
-        self._zero_pages += zeros
-        self._guest_pages += n
 
     def _hash(self, flat: memoryview, rows: np.ndarray) -> np.ndarray:
         """Keyed mmh3 x64 128-bit hashes of 4 KiB rows of ``flat``, as (k, 2) uint64."""
@@ -439,26 +454,26 @@ class FusionEngine:
         # A removed entry must be gone before its frame can be indexed again.
         for other in self._indexes.values():
             other.flush()
-        self._pool.indexed.set(frames)
+        self._frames.indexed.set(frames)
         index.insert(keys, frames)
 
     def _find(
         self, index: FusionIndex, key: int, page: np.ndarray, extra: int, exclude: int = 0
     ) -> int:
         """Slow path: an indexed frame equal to ``page`` that can take ``extra`` users."""
-        pool = self._pool
+        table = self._frames
         for frame in index.candidates(key):
-            if frame == exclude or not pool.indexed.test(frame):
+            if frame == exclude or not table.indexed.test(frame):
                 continue
-            if not np.array_equal(pool.words[frame], page):
+            if not np.array_equal(self._pool.words[frame], page):
                 continue
-            users = pool.ref(frame)
+            users = table.ref(frame)
             if users + extra <= MAX_REFCOUNT:
                 return frame
             if users >= MAX_REFCOUNT:
                 # Saturated: let the next copy of this content start a new frame.
                 index.remove(np.array([key], dtype=np.uint32), np.array([frame], dtype=np.uint32))
-                pool.indexed.clear(np.array([frame]))
+                table.indexed.clear(np.array([frame]))
         return 0
 
     def _equal_rows(
@@ -536,8 +551,8 @@ class FusionEngine:
         if not len(has):
             return found
         frames = cand[has]
-        ok = pool.indexed.get(frames)
-        ok &= pool.refs(frames) + counts[has] <= MAX_REFCOUNT
+        ok = self._frames.indexed.get(frames)
+        ok &= self._frames.refs(frames) + counts[has] <= MAX_REFCOUNT
         if own is not None:
             ok &= frames != own[has]
         good = has[ok]
@@ -555,15 +570,16 @@ class FusionEngine:
         return found
 
     def _fuse_new(
-        self, data: np.ndarray, words: np.ndarray, rows: np.ndarray, domain: str
+        self, data: np.ndarray, words: np.ndarray, rows: np.ndarray, machine: _Machine
     ) -> np.ndarray:
         """Frames for new non-zero pages ``rows`` of ``data``, fused by content.
 
-        Returns one frame per row, each already counting that row's reference.
+        Returns one frame per row, each already counting that row's page.
         """
-        pool = self._pool
+        table = self._frames
+        slot = machine.slot
         flat = data.data.cast("B")
-        index = self._index(domain)
+        index = self._index(machine.domain)
         keys, reps, inverse, counts, odd = self._group(flat, words, rows)
         # Groups larger than a frame can take: the first MAX_REFCOUNT rows go
         # the normal way, the rest fill extra frames of their own.
@@ -573,14 +589,13 @@ class FusionEngine:
         found = self._match(index, keys, reps, counts, words)
         new = np.flatnonzero(found == 0)
         # Check the budget before mutating anything, so a refusal leaves no trace.
-        fresh = pool.alloc(len(new) + len(odd) + len(extra_groups))
+        fresh = table.allocate(len(new) + len(odd) + len(extra_groups))
         matched = np.flatnonzero(found)
-        self._incref(found[matched], counts[matched])
+        table.attach(slot, found[matched], counts[matched])
         if len(new):
             frames = fresh[: len(new)]
             self._copy_into(frames, data, reps[new])
-            pool.set_refs(frames, counts[new])
-            self._frames_shared += int(np.count_nonzero(counts[new] >= 2))
+            table.attach(slot, frames, counts[new])
             self._insert(index, keys[new], frames)
             found[new] = frames
         out = found[inverse]
@@ -588,14 +603,13 @@ class FusionEngine:
         if len(odd):  # a 64-bit hash collision inside the batch: keep them private
             lone = rest[: len(odd)]
             self._copy_into(lone, data, rows[odd])
-            pool.refcount[lone] = 1
+            table.attach(slot, lone)
             out[odd] = lone
         if len(extra_groups):  # unindexed: they are (nearly) full already
             spill = rest[len(odd) :]
             self._copy_into(spill, data, reps[extra_groups])
             users = np.bincount(extra_slot, minlength=len(extra_groups))
-            pool.set_refs(spill, users)
-            self._frames_shared += int(np.count_nonzero(users >= 2))
+            table.attach(slot, spill, users)
             out[extra_rows] = spill[extra_slot]
         return out
 
@@ -633,38 +647,13 @@ class FusionEngine:
         else:
             self._pool.frames[frames] = data[rows]
 
-    # -- reference counts ---------------------------------------------------
+    # -- frames leaving -----------------------------------------------------
 
-    def _incref(self, frames: np.ndarray, counts: np.ndarray) -> None:
-        """Add counts[i] users to distinct frames[i]."""
-        if not len(frames):
-            return
-        before = self._pool.refs(frames)
-        after = before + counts
-        self._frames_shared += int(np.count_nonzero((after >= 2) & (before < 2)))
-        self._pool.set_refs(frames, after)
-
-    def _decref(self, frames: np.ndarray, domain: str) -> None:
-        """Drop one user per entry of ``frames`` (repeats allowed); free frames left unused."""
-        if not len(frames):
-            return
-        pool = self._pool
-        if len(frames) > _BINCOUNT_ABOVE:  # a machine stopping: counting beats sorting
-            counts = np.bincount(frames, minlength=0)
-            uniq = np.flatnonzero(counts).astype(np.uint32)
-            counts = counts[uniq]
-        elif len(frames) > 1:
-            uniq, counts = np.unique(frames, return_counts=True)
-        else:
-            uniq, counts = frames, np.ones(1, dtype=np.int64)
-        before = pool.refs(uniq)
-        after = before - counts
-        self._frames_shared -= int(np.count_nonzero((before >= 2) & (after < 2)))
-        pool.set_refs(uniq, after)
-        freed = uniq[after == 0]
-        self._unindex(freed[pool.indexed.get(freed)], domain)
-        self._modules.forget_frames(domain, freed[pool.hinted.get(freed)])
-        pool.release(freed)
+    def _forget_frames(self, frames: np.ndarray, domain: str) -> None:
+        """The frame table is about to free ``frames``: drop them from the index and hints."""
+        table = self._frames
+        self._unindex(frames[table.indexed.get(frames)], domain)
+        self._modules.forget_frames(domain, frames[table.hinted.get(frames)])
 
     def _unindex(self, frames: np.ndarray, domain: str) -> None:
         """Take frames out of their domain's index (before content changes or frees)."""
@@ -672,7 +661,7 @@ class FusionEngine:
             return
         hashes = self._hash(self._arena, frames)
         self._index(domain).remove((hashes[:, 0] >> np.uint64(32)).astype(np.uint32), frames)
-        self._pool.indexed.clear(frames)
+        self._frames.indexed.clear(frames)
 
     # -- guest access -------------------------------------------------------
 
@@ -707,6 +696,12 @@ class FusionEngine:
                 # The common case, one page: no numpy on the way (copy on write p50).
                 page = machine.index_of(address)
                 if page >= 0:
+                    frame = int(machine.map[page])
+                    if frame == 0 or self._frames.refcount[frame] >= 2:
+                        # It may need a new frame: a refusal must come before
+                        # the write reaches a live source.
+                        self._frames.require_room(1)
+                    machine.writes += 1
                     if machine.live:
                         self._write_through(machine, address, data)
                     return self._write_page(machine, page, lo, data)
@@ -716,9 +711,10 @@ class FusionEngine:
             # Pages that may need a new frame (ZERO or SHARED): check the budget
             # first, so a refused write changes nothing.
             frames = machine.map[pages]
-            needed = int(np.count_nonzero((frames == 0) | (self._pool.refcount[frames] >= 2)))
-            if self._pool.used + needed > self._pool.max_frames:
-                self._pool.alloc(needed)  # raises ResourceExhaustedError, nothing changed
+            self._frames.require_room(
+                int(np.count_nonzero((frames == 0) | (self._frames.refcount[frames] >= 2)))
+            )
+            machine.writes += 1
             if machine.live:
                 self._write_through(machine, address, data)
             return self._write_pages(machine, pages, address, memoryview(data))
@@ -743,60 +739,52 @@ class FusionEngine:
         return copied
 
     def _write_page(self, machine: _Machine, page: int, lo: int, chunk: memoryview | bytes) -> int:
-        """Apply a write inside one guest page; 1 if it broke sharing."""
-        pool = self._pool
+        """Apply a write inside one guest page; 1 if it broke sharing.
+
+        The caller has checked that a frame this may need fits the budget.
+        """
+        table = self._frames
         arena = self._arena
         frame = int(machine.map[page])
         zeros = (chunk if isinstance(chunk, bytes) else bytes(chunk)).count(0) == len(chunk)
+        machine.mark_volatile(page)
         if frame == 0:
             if zeros:
                 return 0
-            new = pool.alloc_one()
+            new = table.allocate_one()
             start = new * PAGE_SIZE
             arena[start : start + PAGE_SIZE] = _ZERO_PAGE
             arena[start + lo : start + lo + len(chunk)] = chunk
-            pool.refcount[new] = 1
+            table.attach_one(machine.slot, new)
             machine.map[page] = new
-            machine.zero -= 1
-            self._zero_pages -= 1
-            if machine.stable is not None:
-                machine.stable[page] = 0
             return 0
         start = frame * PAGE_SIZE
-        if machine.stable is not None:
-            machine.stable[page] = 0
-        if pool.refcount[frame] == 1:
-            if pool.indexed.test(frame):
+        if table.refcount[frame] == 1:
+            if table.indexed.test(frame):
                 self._unindex(np.array([frame], dtype=np.uint32), machine.domain)
-            if pool.hinted.test(frame):  # its content changes: no longer canonical
+            if table.hinted.test(frame):  # its content changes: no longer canonical
                 self._modules.forget_frames(machine.domain, np.array([frame], dtype=np.uint32))
-                pool.hinted.clear_one(frame)
+                table.hinted.clear_one(frame)
             arena[start + lo : start + lo + len(chunk)] = chunk
-            if zeros and not pool.words[frame].any():
+            if zeros and not self._pool.words[frame].any():
                 self._to_zero(machine, page, frame)
             return 0
         # SHARED: the writer gets its own copy; the other users keep the frame.
-        new = pool.alloc_one()
+        new = table.allocate_one()
         dest = new * PAGE_SIZE
         arena[dest : dest + PAGE_SIZE] = arena[start : start + PAGE_SIZE]
         arena[dest + lo : dest + lo + len(chunk)] = chunk
-        pool.refcount[new] = 1
-        users = pool.ref(frame) - 1
-        pool.set_ref(frame, users)
-        if users == 1:
-            self._frames_shared -= 1
+        table.attach_one(machine.slot, new)
         machine.map[page] = new
-        if zeros and not pool.words[new].any():
+        table.detach_one(machine.slot, frame)
+        if zeros and not self._pool.words[new].any():
             self._to_zero(machine, page, new)
         return 1
 
     def _to_zero(self, machine: _Machine, page: int, frame: int) -> None:
         """A private page became all zeros: back to ZERO, frame freed."""
-        self._pool.refcount[frame] = 0
-        self._pool.release_one(frame)
         machine.map[page] = 0
-        machine.zero += 1
-        self._zero_pages += 1
+        self._frames.detach_one(machine.slot, frame)
 
     def page_info(self, machine_id: str, address: int) -> PageInfo:
         """State and share count of the page holding ``address``."""
@@ -810,7 +798,7 @@ class FusionEngine:
             frame = int(machine.map[page])
             if frame == 0:
                 return PageInfo(PageState.ZERO, 0)
-            users = self._pool.ref(frame)
+            users = self._frames.ref(frame)
             return PageInfo(PageState.SHARED if users >= 2 else PageState.PRIVATE, users)
 
     # -- the hint path (VirtualBox's shared modules) ---------------------------
@@ -898,29 +886,28 @@ class FusionEngine:
     def _check_region(
         self, machine: _Machine, canonical: np.ndarray, pages: np.ndarray
     ) -> tuple[int, int]:
-        pool = self._pool
+        table = self._frames
         frames = machine.map[pages]
         nonzero = frames != 0
-        valid = (canonical != 0) & pool.hinted.get(canonical)
+        valid = (canonical != 0) & table.hinted.get(canonical)
         offer = nonzero & ~valid
         if offer.any():  # first at these positions: this machine's pages become canonical
             canonical[offer] = frames[offer]
-            pool.hinted.set(frames[offer])
+            table.hinted.set(frames[offer])
         candidates = np.flatnonzero(
-            valid & nonzero & (frames != canonical) & (pool.refcount[frames] == 1)
+            valid & nonzero & (frames != canonical) & (table.refcount[frames] == 1)
         )
         checked = int(np.count_nonzero(nonzero))
         if not len(candidates):
             return checked, 0
         old = frames[candidates]
         target = canonical[candidates]
-        equal = self._equal_rows(pool.words, old, pool.words, target)
+        words = self._pool.words
+        equal = self._equal_rows(words, old, words, target)
         candidates = self._within_room(candidates[equal], target[equal])
         old, target = frames[candidates], canonical[candidates]
-        uniq, counts = np.unique(target, return_counts=True)
-        self._incref(uniq, counts)
         machine.map[pages[candidates]] = target
-        self._decref(old, machine.domain)
+        table.retarget(machine.slot, old, target)
         return checked, len(candidates)
 
     # -- scans --------------------------------------------------------------
@@ -938,10 +925,16 @@ class FusionEngine:
         skipped and remembered as failed (``source_error`` in its stats);
         the other machines are scanned all the same.
 
+        Only a failure to read a source marks it failed; any other error
+        (the pool's budget running out while copying on write) ends the scan
+        and is raised, with what was done so far kept and consistent.
+
         Raises:
             MachineNotRunningError: a named machine is not running.
             SourceFailedError: a named machine's source failed (after the
                 other named machines were scanned).
+            ResourceExhaustedError: a changed page needed a frame the budget
+                does not have.
         """
         with self._lock:
             if machine_ids:
@@ -951,42 +944,15 @@ class FusionEngine:
                     self._machines[k] for k in sorted(self._machines) if self._machines[k].running
                 ]
             cursor_id, cursor_page = self._scan_cursor if page_budget is not None else ("", 0)
-        scanned = fused = copied = 0
         failed: list[str] = []
-        budget = page_budget if page_budget is not None else -1
-        wrapped = True
-        for machine in targets:
-            if page_budget is not None and machine.machine_id < cursor_id:
-                continue
-            pos = cursor_page if machine.machine_id == cursor_id else 0
-            while pos < machine.pages:
-                if budget == 0:
-                    wrapped = False
-                    with self._lock:
-                        self._scan_cursor = (machine.machine_id, pos)
-                    break
-                n = min(BATCH_PAGES, machine.pages - pos)
-                if budget > 0:
-                    n = min(n, budget)
-                try:
-                    done, f, c = self._scan_batch(machine, pos, n)
-                except Exception as exc:  # the source failed: keep the other machines going
-                    failed.append(machine.machine_id)
-                    machine.source_error = str(exc)
-                    break
-                if done == 0:  # the machine stopped under us
-                    break
-                pos += done
-                scanned += done
-                fused += f
-                copied += c
-                if budget > 0:
-                    budget -= done
-            if not wrapped:
-                break
-        for machine in targets:
-            if machine.live:
-                _idle(machine.memory)
+        try:
+            wrapped, scanned, fused, copied = self._scan_machines(
+                targets, page_budget, cursor_id, cursor_page, failed
+            )
+        finally:
+            for machine in targets:
+                if machine.live:
+                    _idle(machine.memory)
         with self._lock:
             if wrapped:
                 self._full_scans += 1
@@ -1005,26 +971,97 @@ class FusionEngine:
             failed_machines=tuple(failed),
         )
 
+    def _scan_machines(
+        self,
+        targets: list[_Machine],
+        page_budget: int | None,
+        cursor_id: str,
+        cursor_page: int,
+        failed: list[str],
+    ) -> tuple[bool, int, int, int]:
+        """The scan's walk; returns (wrapped, scanned, fused, copied)."""
+        scanned = fused = copied = 0
+        budget = page_budget if page_budget is not None else -1
+        wrapped = True
+        for machine in targets:
+            if page_budget is not None and machine.machine_id < cursor_id:
+                continue
+            pos = cursor_page if machine.machine_id == cursor_id else 0
+            while pos < machine.pages:
+                if budget == 0:
+                    wrapped = False
+                    with self._lock:
+                        self._scan_cursor = (machine.machine_id, pos)
+                    break
+                n = min(BATCH_PAGES, machine.pages - pos)
+                if budget > 0:
+                    n = min(n, budget)
+                try:
+                    done, f, c = self._scan_batch(machine, pos, n)
+                except _SourceReadError as exc:  # keep the other machines going
+                    with self._lock:
+                        if self._machines.get(machine.machine_id) is machine and machine.running:
+                            failed.append(machine.machine_id)
+                            machine.source_error = str(exc.__cause__ or exc)
+                    break
+                if done == 0:  # the machine stopped under us
+                    break
+                pos += done
+                scanned += done
+                fused += f
+                copied += c
+                if budget > 0:
+                    budget -= done
+            if not wrapped:
+                break
+        return wrapped, scanned, fused, copied
+
     def _source_error(self, machine_id: str) -> str:
         with self._lock:
             m = self._machines.get(machine_id)
             return (m.source_error or "") if m is not None else ""
 
     def _scan_batch(self, machine: _Machine, first: int, n: int) -> tuple[int, int, int]:
-        """Scan n pages from flat page ``first``; returns (pages done, fused, copied)."""
+        """Scan n pages from flat page ``first``; returns (pages done, fused, copied).
+
+        A live batch is read outside the lock. A guest write that lands
+        between that read and applying it would be undone by the older bytes,
+        so such a batch is read again (and its changes skipped if writes keep
+        racing it; the next scan sees them).
+
+        Raises:
+            _SourceReadError: the live source could not be read.
+        """
         fresh: np.ndarray | None = None
+        address = 0
         if machine.live:
             address, left = self._address_of(machine, first)
             n = min(n, left)  # a read never crosses a range boundary
-            fresh = self._read_source(machine, address, n)
+        for _ in range(_SCAN_READ_TRIES if machine.live else 1):
+            with self._lock:
+                writes = machine.writes
+            if machine.live:
+                try:
+                    fresh = self._read_source(machine, address, n)
+                except Exception as exc:
+                    raise _SourceReadError(str(exc)) from exc
+            with self._lock:
+                if self._machines.get(machine.machine_id) is not machine or not machine.running:
+                    return 0, 0, 0
+                if machine.writes != writes:
+                    fresh = None
+                    continue
+                copied = self._apply_changes(machine, first, fresh) if fresh is not None else 0
+                return n, self._fuse_batch(machine, first, n), copied
         with self._lock:
             if self._machines.get(machine.machine_id) is not machine or not machine.running:
                 return 0, 0, 0
-            copied = self._apply_changes(machine, first, fresh) if fresh is not None else 0
-            fused = 0
-            if machine.page_fusion and self._config.mode.content:
-                fused = self._fuse_existing(machine, first, first + n)
-            return n, fused, copied
+            return n, self._fuse_batch(machine, first, n), 0
+
+    def _fuse_batch(self, machine: _Machine, first: int, n: int) -> int:
+        if machine.page_fusion and self._config.mode.content:
+            return self._fuse_existing(machine, first, first + n)
+        return 0
 
     def _address_of(self, machine: _Machine, page: int) -> tuple[int, int]:
         """Guest address of flat page ``page`` and the pages left in its range."""
@@ -1040,9 +1077,15 @@ class FusionEngine:
         frames = machine.map[first : first + n]
         changed = np.flatnonzero(~self._equal_rows(self._pool.words, frames, fresh.view(np.uint64)))
         stable = machine.stable[first : first + n]
+        hist = machine.stable_hist
+        hist -= np.bincount(stable, minlength=_STABLE_MAX + 1)
         np.minimum(stable.astype(np.int16) + 1, _STABLE_MAX, out=stable, casting="unsafe")
+        hist += np.bincount(stable, minlength=_STABLE_MAX + 1)
         copied = 0
         for i in changed.tolist():  # _write_page also marks the page volatile again
+            frame = int(frames[i])
+            if frame == 0 or self._frames.refcount[frame] >= 2:
+                self._frames.require_room(1)
             copied += self._write_page(machine, first + i, 0, fresh[i].data)
         return copied
 
@@ -1057,11 +1100,12 @@ class FusionEngine:
         reverse map); other users of a frame move when their machine is
         scanned. Returns the pages that moved.
         """
-        pool = self._pool
+        table = self._frames
+        words = self._pool.words
         frames = machine.map[lo:hi]
         # Full frames take no one and give no one away: they stay as they are.
-        eligible = (frames != 0) & ~pool.indexed.get(frames)
-        eligible &= pool.refs(frames) < MAX_REFCOUNT
+        eligible = (frames != 0) & ~table.indexed.get(frames)
+        eligible &= table.refs(frames) < MAX_REFCOUNT
         if machine.stable is not None:
             eligible &= machine.stable[lo:hi] >= self._config.stable_scans_before_merge
         pages = lo + np.flatnonzero(eligible)
@@ -1069,10 +1113,10 @@ class FusionEngine:
             return 0
         own = machine.map[pages]
         index = self._index(machine.domain)
-        keys, reps, inverse, counts, odd = self._group(self._arena, pool.words, own)
+        keys, reps, inverse, counts, odd = self._group(self._arena, words, own)
         # reps are frame ids here (rows of the arena).
         counts = np.minimum(counts, MAX_REFCOUNT)
-        found = self._match(index, keys, reps, counts, pool.words, own=reps)
+        found = self._match(index, keys, reps, counts, words, own=reps)
         keep = np.flatnonzero(found == 0)
         if len(keep):  # no equal frame yet: the group's first frame becomes canonical
             found[keep] = reps[keep]
@@ -1084,11 +1128,8 @@ class FusionEngine:
         if not len(moved):
             return 0
         moved = self._within_room(moved, target[moved])
-        new_frames = target[moved]
-        uniq, counts_moved = np.unique(new_frames, return_counts=True)
-        self._incref(uniq, counts_moved)
-        machine.map[pages[moved]] = new_frames
-        self._decref(own[moved], machine.domain)
+        machine.map[pages[moved]] = target[moved]
+        table.retarget(machine.slot, own[moved], target[moved])
         return len(moved)
 
     def _within_room(self, moves: np.ndarray, targets: np.ndarray) -> np.ndarray:
@@ -1097,7 +1138,7 @@ class FusionEngine:
         Moves past a frame's room stay where they are until a later scan.
         """
         order, sorted_targets, rank = _ranks(targets)
-        room = MAX_REFCOUNT - self._pool.refs(sorted_targets)
+        room = MAX_REFCOUNT - self._frames.refs(sorted_targets)
         return np.sort(moves[order[rank < room]])
 
     # -- figures ------------------------------------------------------------
@@ -1107,47 +1148,44 @@ class FusionEngine:
             return self._machine_stats(self._running(machine_id))
 
     def _machine_stats(self, machine: _Machine) -> MachineStats:
-        frames = machine.map[: machine.ingested]
-        users = self._pool.refcount[frames]
-        shared = int(np.count_nonzero(users >= 2))
-        volatile = 0
-        if machine.stable is not None:
-            volatile = int(
-                np.count_nonzero(
-                    machine.stable[: machine.ingested] < self._config.stable_scans_before_merge
-                )
-            )
+        # O(1): the frame table keeps each machine's counts as they change.
+        private = int(self._frames.private[machine.slot])
+        shared = int(self._frames.shared[machine.slot])
         return MachineStats(
             starting=not machine.running,
             source_error=machine.source_error or "",
             machine_id=machine.machine_id,
             guest_pages=machine.ingested,
-            zero_pages=machine.zero,
-            private_pages=machine.ingested - machine.zero - shared,
+            zero_pages=machine.ingested - private - shared,
+            private_pages=private,
             shared_pages=shared,
-            volatile_pages=volatile,
+            volatile_pages=machine.volatile_pages(self._config.stable_scans_before_merge),
         )
 
     def stats(self) -> FusionStats:
-        """Host counters and one entry per machine (running or starting), from one instant."""
+        """Host counters and one entry per machine (running or starting), from one instant.
+
+        Costs O(machines), whatever their memory.
+        """
         with self._lock:
             # Machines still starting are included (flagged): their pages
             # already hold frames, and the host figures count them.
             machines = tuple(self._machine_stats(self._machines[k]) for k in sorted(self._machines))
-            used = self._pool.used
-            saved = self._guest_pages - self._zero_pages - used
-            metadata = self._pool.metadata_bytes + sum(i.nbytes for i in self._indexes.values())
-            metadata += self._modules.nbytes
+            used = self._frames.frames_used
+            frames_shared = self._frames.frames_shared
+            shared = sum(m.shared_pages for m in machines)
+            metadata = self._pool.metadata_bytes + self._frames.nbytes + self._modules.nbytes
+            metadata += sum(i.nbytes for i in self._indexes.values())
             for m in self._machines.values():
                 metadata += m.map.nbytes + (m.stable.nbytes if m.stable is not None else 0)
             host = HostStats(
-                guest_pages=self._guest_pages,
-                zero_pages=self._zero_pages,
-                private_pages=used - self._frames_shared,
-                shared_pages=saved + self._frames_shared,
+                guest_pages=sum(m.guest_pages for m in machines),
+                zero_pages=sum(m.zero_pages for m in machines),
+                private_pages=sum(m.private_pages for m in machines),
+                shared_pages=shared,
                 frames_used=used,
-                frames_shared=self._frames_shared,
-                pages_saved=saved,
+                frames_shared=frames_shared,
+                pages_saved=shared - frames_shared,
                 frames_free=self._pool.free_frames,
                 volatile_pages=sum(m.volatile_pages for m in machines),
                 full_scans=self._full_scans,
@@ -1155,6 +1193,91 @@ class FusionEngine:
                 pool_bytes_reserved=self._pool.reserved_bytes,
             )
             return FusionStats(host=host, machines=machines)
+
+    # -- verification -------------------------------------------------------
+
+    def verify(self, *, slice_frames: int = 16384) -> VerifyResult:
+        """Recount everything from the page maps and compare (VerifyFusion).
+
+        Holds the lock only to copy the bookkeeping (memcpy speed) and then
+        for slices of ``slice_frames`` frames while their content hashes are
+        checked against the index; guests keep running meanwhile.
+        """
+        with self._lock:
+            snap = self._snapshot()
+        problems = recount(snap)
+        problems += self._verify_index_content(snap, slice_frames)
+        pages = sum(len(m.map) for m in snap.machines)
+        frames = int(np.count_nonzero(snap.refcount))
+        return VerifyResult(
+            consistent=not problems,
+            pages_checked=pages,
+            frames_checked=frames,
+            problems=tuple(problems),
+        )
+
+    def _snapshot(self) -> Snapshot:
+        table = self._frames
+        size = len(table.refcount)
+
+        def bits(b: np.ndarray) -> np.ndarray:
+            return np.unpackbits(b, bitorder="little")[:size].astype(bool)
+
+        chunk_used, chunk_held = self._pool.chunk_counts()
+        return Snapshot(
+            machines=[
+                MachineCopy(
+                    machine_id=m.machine_id,
+                    slot=m.slot,
+                    domain=m.domain,
+                    page_fusion=m.page_fusion,
+                    map=m.map[: m.ingested].copy(),
+                    private=int(table.private[m.slot]),
+                    shared=int(table.shared[m.slot]),
+                    stable=m.stable.copy() if m.stable is not None else None,
+                    stable_hist=m.stable_hist.copy(),
+                )
+                for m in self._machines.values()
+            ],
+            refcount=table.refcount.copy(),
+            overflow=dict(table.overflow),
+            owner=table.owner.copy(),
+            indexed=bits(table.indexed.bits),
+            hinted=bits(table.hinted.bits),
+            frames_used=table.frames_used,
+            frames_shared=table.frames_shared,
+            high_water_mark=self._pool.high_water_mark,
+            free_stack=self._pool.free_stack(),
+            chunk_used=chunk_used,
+            chunk_held=chunk_held,
+            index_entries={d: i.live_entries() for d, i in self._indexes.items()},
+            canonical=self._modules.canonical_frames(),
+        )
+
+    def _verify_index_content(self, snap: Snapshot, slice_frames: int) -> list[str]:
+        """Each frame still INDEXED is indexed under the hash of what it holds now."""
+        stale: list[int] = []
+        total = 0
+        for domain, (live, _pending) in snap.index_entries.items():
+            frames = (live & np.uint64(0xFFFFFFFF)).astype(np.uint32)
+            for start in range(0, len(frames), slice_frames):
+                part = frames[start : start + slice_frames]
+                with self._lock:
+                    index = self._indexes.get(domain)
+                    if index is None:
+                        break
+                    part = part[part < len(self._frames.refcount)]
+                    part = part[self._frames.indexed.get(part)]
+                    if not len(part):
+                        continue
+                    keys = (self._hash(self._arena, part)[:, 0] >> np.uint64(32)).astype(np.uint32)
+                    wrong = part[~index.contains(keys, part)]
+                total += len(wrong)
+                stale.extend(int(f) for f in wrong[:5])
+        if not total:
+            return []
+        shown = "; ".join(str(f) for f in stale[:5])
+        return [f"INDEXED frames not indexed under the hash of their content: {total}: {shown}"]
 
     def close(self) -> None:
         """Stop every machine and give the pool back."""

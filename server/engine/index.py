@@ -64,6 +64,26 @@ class FusionIndex:
             out.extend(int(e) & 0xFFFFFFFF for e in run[a:b])
         return out
 
+    def live_entries(self) -> tuple[np.ndarray, np.ndarray]:
+        """Copies of the entries in force (stored, not scheduled for removal) and the scheduled."""
+        stored = np.concatenate(self._runs) if self._runs else np.zeros(0, dtype=np.uint64)
+        pending = (
+            np.unique(np.concatenate(self._pending)) if self._pending else np.zeros(0, np.uint64)
+        )
+        return stored[~np.isin(stored, pending)], pending
+
+    def contains(self, keys: np.ndarray, frames: np.ndarray) -> np.ndarray:
+        """Per (key, frame) pair: whether that entry is in force."""
+        wanted = entries(keys, frames)
+        found = np.zeros(len(wanted), dtype=bool)
+        for run in self._runs:
+            pos = np.searchsorted(run, wanted)
+            inside = pos < len(run)
+            found[inside] |= run[pos[inside]] == wanted[inside]
+        if self._pending:
+            found &= ~np.isin(wanted, np.concatenate(self._pending))
+        return found
+
     def insert(self, keys: np.ndarray, frames: np.ndarray) -> None:
         """Add entries; the caller has flushed removals (see module docstring)."""
         if not len(keys):

@@ -208,6 +208,14 @@ class ModuleRegistry:
         if shared.users == 0:  # like GMM: the last user gone, the module goes
             del self._global[(domain, shared.key)]
 
+    def canonical_frames(self) -> list[tuple[str, str, np.ndarray]]:
+        """Copies of every region's canonical frames: (domain, module name, frames)."""
+        return [
+            (domain, shared.key[0], canonical.copy())
+            for (domain, _), shared in self._global.items()
+            for canonical in shared.canonical
+        ]
+
     def forget_frames(self, domain: str, frames: np.ndarray) -> np.ndarray:
         """Frames stop being canonical anywhere in ``domain``; returns them."""
         if not len(frames):

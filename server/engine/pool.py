@@ -6,14 +6,16 @@ huge pages. Frame ``f`` is the 4 KiB at ``f * PAGE_SIZE``. Frame 0 is the
 zero frame: never handed out, never written, so a guest page mapped to 0 is
 a ZERO page backed by no memory at all.
 
-Per frame the pool keeps a one-byte reference count (the number of guest
-pages using it; the few frames with 255 users or more keep their true count
-in a small dict, so counts stay exact up to VirtualBox's 65,535) and a flag byte the engine
-owns. Free frames sit on a stack; the stack is kept in descending order after
-large frees so that allocation reuses low frames first and high chunks drain.
-A chunk whose frames are all free is handed back to the operating system
-(MADV_DONTNEED), so process RSS really falls when machines stop; its frames
-leave the stack and the chunk waits on a list until it is needed again.
+The pool knows only which frames are handed out; who uses a frame, its
+count and its flags are the frame table's (frames.py). Free frames sit on a
+stack; the stack is kept in descending order after large frees so that
+allocation reuses low frames first and high chunks drain. A chunk whose
+frames are all free is handed back to the operating system (MADV_DONTNEED),
+so process RSS really falls when machines stop; its frames leave the stack
+and the chunk waits on a list until it is needed again. Frames at or above
+the high-water mark have never been handed out: they come from the mark,
+never from the stack, even inside a chunk that was given back and taken
+again (handing them out both ways would give one frame to two owners).
 """
 
 from __future__ import annotations
@@ -35,9 +37,6 @@ CHUNK_FRAMES = 512  # 2 MiB: one transparent huge page
 #: Users one frame may have (VirtualBox's shared-page refcount is 16-bit):
 #: past it, a new frame starts for the same content.
 MAX_REFCOUNT = 0xFFFF
-#: Refcounts are stored in one byte; from this value on the true count is
-#: in a small dict (a few frames: all-0xFF pages and the like).
-_SATURATED = 0xFF
 _MAP_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000)
 
 
@@ -82,19 +81,14 @@ def host_memory_bytes() -> int:
 
 
 class FramePool:
-    """Refcounted 4 KiB frames in one reserved arena.
+    """4 KiB frames in one reserved arena, handed out and taken back.
 
     Not thread-safe: the engine calls it under its lock.
 
     Attributes:
         frames: the arena as a (frames, 4096) uint8 array (rows are frames).
         words: the same memory as (frames, 512) uint64, for fast compares.
-        refcount: uint8 per frame; 255 means "look in the overflow" (use refs()
-            and set_refs() wherever a count may reach 255).
-        indexed: a bit per frame: the frame is in a fusion index.
-        hinted: a bit per frame: the frame is the canonical frame of a
-            module position on the hint path.
-        used: frames with refcount >= 1.
+        used: frames handed out and not released.
     """
 
     def __init__(self, max_frames: int) -> None:
@@ -122,16 +116,13 @@ class FramePool:
         self._prefaulter = _Prefaulter.start(self.frames.ctypes.data)
         self._populated = 1  # frames below this are populated or handed out
         self.words = self.frames.view(np.uint64)
-        self.refcount = np.zeros(CHUNK_FRAMES, dtype=np.uint8)
-        self.indexed = FrameBits(CHUNK_FRAMES)
-        self.hinted = FrameBits(CHUNK_FRAMES)
-        self._overflow: dict[int, int] = {}
+        self._capacity = CHUNK_FRAMES  # frames the per-frame arrays must cover
         self.used = 0
         self._hwm = 1  # frames below this have been handed out at least once
         self._free = np.zeros(CHUNK_FRAMES, dtype=np.uint32)
         self._nfree = 0
         # Per chunk: frames in use (at most 512) and whether the pool holds it;
-        # grown with the frames, like the refcounts.
+        # grown with the frames.
         self._chunk_used = np.zeros(1, dtype=np.int16)
         self._chunk_held = np.zeros(1, dtype=bool)
         self._released: list[int] = []
@@ -149,19 +140,30 @@ class FramePool:
         return self._nfree
 
     @property
+    def capacity(self) -> int:
+        """Length per-frame arrays need: every frame handed out so far is below it."""
+        return self._capacity
+
+    @property
+    def high_water_mark(self) -> int:
+        """Frames below this have been handed out at least once."""
+        return self._hwm
+
+    def free_stack(self) -> np.ndarray:
+        """A copy of the free frames (for a recount)."""
+        return self._free[: self._nfree].copy()
+
+    def chunk_counts(self) -> tuple[np.ndarray, np.ndarray]:
+        """Copies of frames in use per chunk and whether each chunk is held (for a recount)."""
+        return self._chunk_used.copy(), self._chunk_held.copy()
+
+    @property
     def reserved_bytes(self) -> int:
         return self._reserved_frames * PAGE_SIZE
 
     @property
     def metadata_bytes(self) -> int:
-        return int(
-            self.refcount.nbytes
-            + self.indexed.nbytes
-            + self.hinted.nbytes
-            + self._free.nbytes
-            + self._chunk_used.nbytes
-            + self._chunk_held.nbytes
-        )
+        return int(self._free.nbytes + self._chunk_used.nbytes + self._chunk_held.nbytes)
 
     @staticmethod
     def _chunk_of(frame: int) -> int:
@@ -170,19 +172,14 @@ class FramePool:
     # -- allocation ---------------------------------------------------------
 
     def alloc(self, n: int) -> np.ndarray:
-        """Hand out ``n`` frames (refcount 0, content undefined) as uint32 ids.
+        """Hand out ``n`` frames (content undefined) as uint32 ids.
 
         Raises:
             ResourceExhaustedError: the pool's budget would be exceeded.
         """
         if n <= 0:
             return np.zeros(0, dtype=np.uint32)
-        if self.used + n > self.max_frames:
-            raise ResourceExhaustedError(
-                f"the frame pool needs {n} more frames but only "
-                f"{self.max_frames - self.used} of its {self.max_frames} "
-                f"({self.max_frames * PAGE_SIZE // (1 << 20)} MiB budget) are left",
-            )
+        self.check_room(n)
         parts: list[np.ndarray] = []
         need = n
         while need:
@@ -194,8 +191,10 @@ class FramePool:
             elif self._released:
                 chunk = self._released.pop()
                 self._chunk_held[chunk] = True
+                # Only frames below the mark: those above it come from the mark.
                 first = max(chunk * CHUNK_FRAMES, 1)
-                self._push(np.arange(chunk * CHUNK_FRAMES + CHUNK_FRAMES - 1, first - 1, -1))
+                end = min(chunk * CHUNK_FRAMES + CHUNK_FRAMES, self._hwm)
+                self._push(np.arange(end - 1, first - 1, -1, dtype=np.uint32))
             else:
                 k = need
                 parts.append(np.arange(self._hwm, self._hwm + k, dtype=np.uint32))
@@ -212,13 +211,26 @@ class FramePool:
         self.used += n
         return out
 
+    def check_room(self, n: int) -> None:
+        """Raise unless ``n`` more frames fit the budget (nothing changes either way).
+
+        Raises:
+            ResourceExhaustedError: the pool's budget would be exceeded.
+        """
+        if self.used + n > self.max_frames:
+            raise ResourceExhaustedError(
+                f"the frame pool needs {n} more frames but only "
+                f"{self.max_frames - self.used} of its {self.max_frames} "
+                f"({self.max_frames * PAGE_SIZE // (1 << 20)} MiB budget) are left",
+            )
+
     def alloc_one(self) -> int:
         """Hand out one frame; the fast path of copy on write."""
         if self.used < self.max_frames:
             if self._nfree:
                 self._nfree -= 1
                 frame = int(self._free[self._nfree])
-            elif not self._released and self._hwm < len(self.refcount):
+            elif not self._released and self._hwm < self._capacity:
                 frame = self._hwm  # no numpy on the way: copy on write latency
                 self._hwm += 1
                 self._chunk_held[frame // CHUNK_FRAMES] = True
@@ -230,13 +242,11 @@ class FramePool:
         return int(self.alloc(1)[0])
 
     def release(self, frames: np.ndarray) -> None:
-        """Return frames whose refcount has dropped to 0; drain empty chunks."""
+        """Take back frames no guest page uses any more; drain empty chunks."""
         n = len(frames)
         if n == 0:
             return
         frames = frames.astype(np.uint32, copy=False)
-        self.indexed.clear(frames)
-        self.hinted.clear(frames)
         self._push(frames)
         counts = np.bincount(frames // CHUNK_FRAMES, minlength=len(self._chunk_used))
         self._chunk_used -= counts.astype(np.int16)
@@ -249,8 +259,6 @@ class FramePool:
             self._free[: self._nfree] = np.sort(self._free[: self._nfree])[::-1]
 
     def release_one(self, frame: int) -> None:
-        self.indexed.clear_one(frame)
-        self.hinted.clear_one(frame)
         self._push(np.array([frame], dtype=np.uint32))
         chunk = frame // CHUNK_FRAMES
         self._chunk_used[chunk] -= 1
@@ -284,58 +292,19 @@ class FramePool:
         self._free[: self._nfree] = kept
 
     def _grow(self, hwm: int) -> None:
-        if hwm <= len(self.refcount):
+        if hwm <= self._capacity:
             return
         # Grow in steps of 1/8 (at least 8 chunks): metadata stays close to
         # what is used, and copies stay rare.
-        step = max(len(self.refcount) // 8, 8 * CHUNK_FRAMES)
+        step = max(self._capacity // 8, 8 * CHUNK_FRAMES)
         cap = min(-(-hwm // step) * step, self._reserved_frames)
-        refcount = np.zeros(cap, dtype=np.uint8)
-        refcount[: len(self.refcount)] = self.refcount
-        self.refcount = refcount
-        self.indexed.grow(cap)
-        self.hinted.grow(cap)
+        self._capacity = cap
         chunks = -(-cap // CHUNK_FRAMES)
         used = np.zeros(chunks, dtype=np.int16)
         used[: len(self._chunk_used)] = self._chunk_used
         held = np.zeros(chunks, dtype=bool)
         held[: len(self._chunk_held)] = self._chunk_held
         self._chunk_used, self._chunk_held = used, held
-
-    # -- reference counts ---------------------------------------------------
-
-    def refs(self, frames: np.ndarray) -> np.ndarray:
-        """True user counts of ``frames`` (int64)."""
-        counts = self.refcount[frames].astype(np.int64)
-        if self._overflow:
-            saturated = np.flatnonzero(counts == _SATURATED)
-            if len(saturated):
-                counts[saturated] = [self._overflow[f] for f in frames[saturated].tolist()]
-        return counts
-
-    def set_refs(self, frames: np.ndarray, counts: np.ndarray) -> None:
-        """Set true user counts of distinct ``frames``."""
-        counts = np.asarray(counts, dtype=np.int64)
-        if self._overflow:
-            was = np.flatnonzero(self.refcount[frames] == _SATURATED)
-            for frame in frames[was].tolist():
-                self._overflow.pop(frame, None)
-        self.refcount[frames] = np.minimum(counts, _SATURATED)
-        big = np.flatnonzero(counts >= _SATURATED)
-        for frame, count in zip(frames[big].tolist(), counts[big].tolist(), strict=True):
-            self._overflow[frame] = count
-
-    def ref(self, frame: int) -> int:
-        count = int(self.refcount[frame])
-        return self._overflow[frame] if count == _SATURATED else count
-
-    def set_ref(self, frame: int, count: int) -> None:
-        if self.refcount[frame] == _SATURATED:
-            self._overflow.pop(frame, None)
-        if count >= _SATURATED:
-            self._overflow[frame] = count
-            count = _SATURATED
-        self.refcount[frame] = count
 
     # -- first touch ----------------------------------------------------------
 

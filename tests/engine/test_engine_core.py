@@ -299,9 +299,9 @@ def test_concurrent_writers_and_stats_readers_see_whole_operations():
 
 
 def test_stopping_a_large_machine_counts_instead_of_sorting(monkeypatch):
-    from pagefusion.server.engine import engine as engine_module
+    from pagefusion.server.engine import frames as frames_module
 
-    monkeypatch.setattr(engine_module, "_BINCOUNT_ABOVE", 4)
+    monkeypatch.setattr(frames_module, "BINCOUNT_ABOVE", 4)
     e = engine()
     mem = image(*[page(i % 3 + 1) for i in range(12)], page(0))
     e.start_machine("a", FakeMemory([(0, mem)]), page_fusion=True)
