@@ -2,8 +2,13 @@
 
 A reference model keeps every machine's memory as plain bytes, as a machine
 without page fusion would. After every step the engine must read back
-exactly the model's bytes, and its counters must match figures recomputed
-from the model alone.
+exactly the model's bytes, its counters must match figures recomputed from
+the model alone, and its own recount (verify) must find nothing.
+
+Frames are reused across stops (machines of very different sizes come and
+go in one pool), counts pass one byte (hundreds of equal pages), and live
+sources change under the engine (a guest writing its own memory) until a
+scan picks the change up.
 """
 
 from __future__ import annotations
@@ -36,10 +41,16 @@ NAMES = ["vm-a", "vm-b", "vm-c", "vm-d"]
 class EngineModel(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
-        self.engine = FusionEngine(max_pool_bytes=16 << 20, hash_seed=99)
+        # Changed pages may fuse at the next scan (stable_scans_before_merge 0).
+        self.engine = FusionEngine(
+            max_pool_bytes=16 << 20,
+            hash_seed=99,
+            config=FusionConfig(stable_scans_before_merge=0),
+        )
         self.mode = FusionMode.ALL
         # name -> (fusion, domain, {address: bytearray page})
         self.machines: dict[str, tuple[bool, str, dict[int, bytearray]]] = {}
+        self.live: dict[str, FakeMemory] = {}  # live sources, changed by their guests
 
     # -- operations ----------------------------------------------------------
 
@@ -56,14 +67,57 @@ class EngineModel(RuleBasedStateMachine):
         ranges = [(0, bytearray(b"".join(PATTERNS[i] for i in low)))]
         if high:
             ranges.append((HIGH, bytearray(b"".join(PATTERNS[i] for i in high))))
-        self.engine.start_machine(
-            name, FakeMemory(ranges), page_fusion=fusion, fusion_domain=domain
-        )
+        self._start(name, ranges, fusion, domain, live=False)
+
+    @rule(
+        name=st.sampled_from(NAMES),
+        fusion=st.booleans(),
+        domain=st.sampled_from(["default", "tenant-2"]),
+        pattern=st.integers(0, len(PATTERNS) - 1),
+        pages=st.integers(1, 700),
+        distinct=st.integers(0, 700),
+        live=st.booleans(),
+    )
+    def start_large(self, name, fusion, domain, pattern, pages, distinct, live):
+        """Many equal pages (counts past one byte), some made distinct (many frames)."""
+        if name in self.machines:
+            return
+        data = bytearray(PATTERNS[pattern] * pages)
+        for i in range(min(distinct, pages)):
+            data[i * PAGE : i * PAGE + 4] = (i + 1).to_bytes(4, "little")
+        self._start(name, [(0, data)], fusion, domain, live=live)
+
+    def _start(self, name, ranges, fusion, domain, *, live):
+        memory = FakeMemory(ranges, live=live)
+        self.engine.start_machine(name, memory, page_fusion=fusion, fusion_domain=domain)
         pages = {}
         for base, data in ranges:
             for off in range(0, len(data), PAGE):
                 pages[base + off] = bytearray(data[off : off + PAGE])
         self.machines[name] = (fusion, domain, pages)
+        if live:
+            self.live[name] = memory
+
+    @precondition(lambda self: self.machines)
+    @rule(data=st.data(), value=st.integers(1, (1 << 32) - 1))
+    def write_every_page(self, data, value):
+        """A distinct 4-byte value into each page: every page gets a private frame."""
+        name = data.draw(st.sampled_from(sorted(self.machines)))
+        pages = self.machines[name][2]
+        for i, address in enumerate(sorted(pages)):
+            payload = ((value + i) & 0xFFFFFFFF).to_bytes(4, "little")
+            self.engine.write(name, address + 8, payload)
+            pages[address][8:12] = payload
+
+    @precondition(lambda self: self.live)
+    @rule(data=st.data(), fill=st.sampled_from([0, 1, 2, 9]), count=st.integers(1, 40))
+    def guest_writes_its_memory(self, data, fill, count):
+        """The guest changes its source; the engine sees it at the next scan."""
+        name = data.draw(st.sampled_from(sorted(self.live)))
+        _base, block = self.live[name].blocks[0]
+        first = data.draw(st.integers(0, max(0, len(block) // PAGE - 1)))
+        for page in range(first, min(first + count, len(block) // PAGE)):
+            block[page * PAGE : (page + 1) * PAGE] = bytes([fill]) * PAGE
 
     @precondition(lambda self: self.machines)
     @rule(data=st.data())
@@ -71,6 +125,7 @@ class EngineModel(RuleBasedStateMachine):
         name = data.draw(st.sampled_from(sorted(self.machines)))
         self.engine.stop_machine(name)
         del self.machines[name]
+        self.live.pop(name, None)
 
     @precondition(lambda self: self.machines)
     @rule(
@@ -122,6 +177,11 @@ class EngineModel(RuleBasedStateMachine):
     @rule()
     def scan(self):
         self.engine.scan()
+        for name, memory in self.live.items():  # what the guests wrote is seen now
+            pages = self.machines[name][2]
+            for base, block in memory.blocks:
+                for off in range(0, len(block), PAGE):
+                    pages[base + off] = bytearray(block[off : off + PAGE])
         if self.mode.content:
             self.assert_fully_fused()
 
@@ -151,6 +211,13 @@ class EngineModel(RuleBasedStateMachine):
                     assert info.state == PageState.PRIVATE
                 else:
                     assert info.share_count == expected
+
+    @invariant()
+    def recount_agrees(self):
+        result = self.engine.verify(slice_frames=64)
+        assert result.consistent, result.problems
+        assert result.pages_checked == sum(len(p) for _, _, p in self.machines.values())
+        assert result.frames_checked == self.engine.stats().host.frames_used
 
     @invariant()
     def transparent(self):
@@ -237,6 +304,44 @@ TestHintedEngineModel = HintedEngineModel.TestCase
 TestHintedEngineModel.settings = settings(
     max_examples=100,
     stateful_step_count=30,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+
+
+class CappedEngineModel(EngineModel):
+    """The same model with a frame's user limit lowered from 65,535 to 5.
+
+    Equal pages then fill several frames; the exact figures after a scan are
+    no longer one frame per content, so only transparency, the accounting
+    identity and the recount are checked.
+    """
+
+    def __init__(self) -> None:
+        self._patch = pytest.MonkeyPatch()
+        from pagefusion.server.engine import engine as engine_module
+        from pagefusion.server.engine import frames as frames_module
+
+        self._patch.setattr(engine_module, "MAX_REFCOUNT", 5)
+        self._patch.setattr(frames_module, "MAX_REFCOUNT", 5)
+        super().__init__()
+
+    def assert_fully_fused(self):
+        h = self.engine.stats().host
+        for name, (_fusion, _domain, pages) in self.machines.items():
+            for address in pages:
+                assert self.engine.page_info(name, address).share_count <= 5
+        assert h.guest_pages == h.frames_used + h.pages_saved + h.zero_pages
+
+    def teardown(self):
+        super().teardown()
+        self._patch.undo()
+
+
+TestCappedEngineModel = CappedEngineModel.TestCase
+TestCappedEngineModel.settings = settings(
+    max_examples=60,
+    stateful_step_count=25,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
 )
