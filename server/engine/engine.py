@@ -18,11 +18,21 @@ writing a SHARED page first gives the writer its own copy (copy on write).
 The data structures, and why they are shaped this way:
 
 * The frame pool (pool.py): one reserved anonymous mapping carved into 4 KiB
-  frames with a one-byte refcount each (the few frames with 255 users or
-  more keep their true count on the side; at 65,535 users, VirtualBox's
-  limit, a new frame starts), grown in 2 MiB huge-page chunks and
-  shrunk by handing fully free chunks back to the kernel. The pool, not
-  Python objects, is what the host pays for.
+  frames, grown in 2 MiB huge-page chunks and shrunk by handing fully free
+  chunks back to the kernel. It only hands frames out and takes them back;
+  a frame at or above its high-water mark comes from the mark, never from a
+  chunk taken back, so no frame ever has two owners. The pool, not Python
+  objects, is what the host pays for.
+* The frame table (frames.py), the one owner of frame state: each frame's
+  user count (one byte; the few frames with 255 users or more keep the true
+  count on the side; at 65,535 users, VirtualBox's limit, a new frame
+  starts), its INDEXED and HINTED flags, the XOR of its users' machine slots
+  (while a frame has one user, that is the user), and each machine's
+  private and shared page counts. The engine never writes a count: it says
+  which pages of which machine start or stop using which frames (attach,
+  detach, retarget), and the table updates everything that follows, so the
+  figures cost O(machines), not O(guest pages). A frame's last user leaving
+  frees it, after the index and the hint path have forgotten it.
 * Guest page maps: per machine one uint32 array, guest page -> frame id
   (4 bytes per guest page; state is derived: frame 0 is ZERO, refcount 1 is
   PRIVATE, refcount >= 2 is SHARED). No per-page Python object anywhere.
@@ -50,13 +60,28 @@ Paths that share pages:
   pages the index does not know yet are then fused like at ingest.
 
 Accounting is exact at every instant, because every operation runs under
-one lock and updates the counters with the maps:
+one lock and the frame table changes the counts with the maps:
 
     guest pages = frames used + pages saved + zero pages
 
 where pages saved is the sum over frames of (refcount - 1), KSM's
-pages_sharing. Counts of a machine that is still starting cover the pages
-ingested so far, so the identity holds while machines load too.
+pages_sharing, and a machine's zero pages are its ingested pages less its
+private and shared ones. Counts of a machine that is still starting cover
+the pages ingested so far, so the identity holds while machines load too.
+
+Locking: one engine lock (re-entrant) guards the maps, the frame table, the
+indexes and the module registry. Sources are read outside it (ingest and
+scans), and each batch is applied under it; a scan's live read that raced
+a guest write (machine.writes moved) is read again, so older bytes never
+undo a newer write. Flag rules: INDEXED means the frame has exactly one
+entry in force in its domain's index, under the hash of what it holds now
+(it is cleared before the content changes or the frame is freed); HINTED
+means some module position names it as canonical (cleared the same way).
+
+verify() (VerifyFusion; verify.py) recounts all of this from the page maps
+alone and names every disagreement. It copies the bookkeeping under the
+lock (memcpy speed), recounts outside it, and checks index entries against
+frame contents in short slices under the lock.
 """
 
 from __future__ import annotations
@@ -65,6 +90,7 @@ import bisect
 import contextlib
 import secrets
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 
@@ -105,6 +131,8 @@ BATCH_PAGES = 16384
 PREFAULT_BATCHES = 2
 _ZERO_PAGE = bytes(PAGE_SIZE)
 _STABLE_MAX = 255
+#: Pause between slices of VerifyFusion's content check (seconds).
+_VERIFY_PAUSE = 0.0005
 #: Tries to read a live batch that no write raced with, before skipping it.
 _SCAN_READ_TRIES = 3
 
@@ -1196,7 +1224,7 @@ class FusionEngine:
 
     # -- verification -------------------------------------------------------
 
-    def verify(self, *, slice_frames: int = 16384) -> VerifyResult:
+    def verify(self, *, slice_frames: int = 2048) -> VerifyResult:
         """Recount everything from the page maps and compare (VerifyFusion).
 
         Holds the lock only to copy the bookkeeping (memcpy speed) and then
@@ -1274,6 +1302,7 @@ class FusionEngine:
                     wrong = part[~index.contains(keys, part)]
                 total += len(wrong)
                 stale.extend(int(f) for f in wrong[:5])
+                time.sleep(_VERIFY_PAUSE)  # let waiting calls have the lock (and the GIL)
         if not total:
             return []
         shown = "; ".join(str(f) for f in stale[:5])
