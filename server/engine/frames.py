@@ -14,7 +14,8 @@ back) changes the state of a page of some *other* machine. Each frame keeps
 the XOR of the slots (small machine numbers) of its users: while a frame has
 one user, that XOR *is* the user. So when a second user arrives, the table
 knows whose page just became SHARED, and when the second-to-last user
-leaves, whose page became PRIVATE again, in O(1) and in two bytes per frame.
+leaves, whose page became PRIVATE again, in O(1) and in one byte per frame
+(two once a 256th machine runs at the same time).
 The per-machine counts then stay exact as they change, and the figures cost
 O(machines), not O(guest pages).
 
@@ -63,7 +64,8 @@ class FrameTable:
         self._on_free = on_free
         size = pool.capacity
         self.refcount = np.zeros(size, dtype=np.uint8)
-        self.owner = np.zeros(size, dtype=np.uint16)
+        # One byte while slots fit in one; widened for the 256th machine.
+        self.owner: np.ndarray = np.zeros(size, dtype=np.uint8)
         self.indexed = FrameBits(size)
         self.hinted = FrameBits(size)
         self.overflow: dict[int, int] = {}
@@ -122,6 +124,8 @@ class FrameTable:
                 f"at most {MAX_SLOTS} machines can run at once", reason="TOO_MANY_MACHINES"
             )
         slot = self._next_slot
+        if slot > np.iinfo(self.owner.dtype).max:
+            self.owner = self.owner.astype(np.uint16)
         self.domains[slot] = domain
         self._next_slot += 1
         if slot >= len(self.private):
@@ -188,7 +192,7 @@ class FrameTable:
         self.frames_shared += int(np.count_nonzero(sharing & (before < 2)))
         self._set_refs(frames, after)
         odd = frames[(counts & 1) == 1]
-        self.owner[odd] ^= np.uint16(slot)
+        self.owner[odd] ^= self.owner.dtype.type(slot)
 
     def detach(self, slot: int, frames: np.ndarray) -> None:
         """One page of machine ``slot`` per entry stops using ``frames`` (repeats allowed).
@@ -213,7 +217,7 @@ class FrameTable:
         self.shared[slot] -= int(counts[was_shared].sum())
         self.private[slot] -= int(np.count_nonzero(~was_shared))
         odd = uniq[(counts & 1) == 1]
-        self.owner[odd] ^= np.uint16(slot)
+        self.owner[odd] ^= self.owner.dtype.type(slot)
         # Frames down to one user: that user's page is PRIVATE again.
         alone = np.flatnonzero(was_shared & (after == 1))
         if len(alone):
@@ -305,7 +309,7 @@ class FrameTable:
             return
         refcount = np.zeros(size, dtype=np.uint8)
         refcount[: len(self.refcount)] = self.refcount
-        owner = np.zeros(size, dtype=np.uint16)
+        owner = np.zeros(size, dtype=self.owner.dtype)
         owner[: len(self.owner)] = self.owner
         self.refcount, self.owner = refcount, owner
         self.indexed.grow(size)

@@ -414,3 +414,17 @@ def test_a_write_the_budget_cannot_take_changes_nothing():
         e.write("a", 0, b"\x07" * (5 * PAGE))  # would need 5 frames, 3 are left
     assert e.read("a", 0, 5 * PAGE) == bytes(mem)
     assert_identity(e)
+
+
+def test_owner_records_widen_past_255_machines():
+    # Owners take one byte per frame until a 256th machine runs at once.
+    e = engine()
+    body = image(page(5), page(6, marker=1))
+    for i in range(257):
+        e.start_machine(f"m{i}", FakeMemory([(0, body)]), page_fusion=i % 2 == 0)
+    assert e._frames.owner.dtype == np.uint16
+    for i in range(0, 257, 3):
+        e.stop_machine(f"m{i}")
+    result = e.verify()
+    assert result.consistent, result.problems
+    assert_identity(e)
