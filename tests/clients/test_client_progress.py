@@ -209,3 +209,26 @@ def test_guest_agent_without_a_terminal_writes_only_its_log() -> None:
     GuestAgent(AgentClient(), "machines/w10", log=log).run_cycle()
     assert len(log.lines) == 1
     assert "\r" not in log.lines[0]
+
+
+class ScanClient:
+    def run_scan(self, names: list[str]) -> Any:
+        from pagefusion.v1 import fusion_pb2
+
+        return fusion_pb2.RunScanResponse(pages_scanned=10, pages_fused=3)
+
+
+def test_fusion_scan_says_what_it_does_on_a_terminal_only() -> None:
+    import argparse
+
+    from pagefusion.clients import cli
+
+    args = argparse.Namespace(names=["machines/a", "machines/b"])
+    terminal = Terminal()
+    assert cli.cmd_fusion_scan(ScanClient(), args, cli.Output(as_json=False, stream=terminal)) == 0
+    shown = terminal.getvalue()
+    assert "\rScanning the live memory of a, b..." in shown
+    assert "\r\x1b[KPages scanned:               10\n" in shown  # erased, then the result
+    plain = io.StringIO()
+    cli.cmd_fusion_scan(ScanClient(), args, cli.Output(as_json=False, stream=plain))
+    assert plain.getvalue().startswith("Pages scanned:               10\n")
