@@ -14,6 +14,7 @@ Verbs::
     metrics list|query|enable|disable [--list] [OBJECT [METRIC,...]]
     metrics setup|collect [--period S] [--samples N] [--list] [--detach] [OBJECT [METRIC,...]]
     guest-agent NAME [--interval SECONDS] [--once]
+    estimate [--plot FILE] [--scheduler ADDRESS] [--hosts N --host-memory BYTES] SPEC...
 
 The server comes from ``--server HOST:PORT``, else ``$PAGEFUSION_SERVER``,
 else 127.0.0.1:50051. A server started with ``--auth-token-file`` wants a
@@ -335,7 +336,36 @@ def build_parser() -> argparse.ArgumentParser:
         "--interval", type=_positive_float, default=60.0, metavar="SECONDS", help="default 60"
     )
     p.add_argument("--once", action="store_true", help="run one cycle and exit")
+    _estimate_verb(verb("estimate", "what page fusion would save, offline", cmd_estimate))
     return parser
+
+
+def _estimate_verb(p: argparse.ArgumentParser) -> None:
+    """``estimate``: reads sources here (or on a Dask cluster); needs no server."""
+    p.set_defaults(offline=True)
+    p.add_argument("specs", nargs="+", metavar="SPEC",
+                   help="JSON file: a list of CreateMachineRequest objects")
+    p.add_argument("--plot", metavar="FILE", help="draw the pairwise sharing as a heatmap PNG")
+    p.add_argument("--scheduler", metavar="ADDRESS",
+                   help="read and hash on a Dask cluster, e.g. tcp://HOST:8786 (extra: fleet)")
+    p.add_argument("--hosts", type=_non_negative, metavar="N", help="place machines on N hosts")
+    def size(value: str) -> int:
+        from pagefusion.adapters.base import AdapterError
+        from pagefusion.adapters.helpers import parse_size
+
+        try:
+            return parse_size({"size": value}, "size")
+        except AdapterError:
+            raise argparse.ArgumentTypeError(f"not a size in bytes: {value!r}") from None
+
+    p.add_argument("--host-memory", type=size, metavar="BYTES",
+                   help="memory of each host (with --hosts)")
+
+
+def cmd_estimate(client: Any, args: argparse.Namespace, out: Output) -> int:
+    from pagefusion.clients.estimate import run_cli
+
+    return run_cli(args, out.as_json, _error_line, out.stream)
 
 
 # -- output -------------------------------------------------------------------------
@@ -815,6 +845,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     target = server_address(args)
     out = Output(as_json=args.json)
+    if getattr(args, "offline", False):  # estimate: no server to connect to
+        return int(args.handler(None, args, out))
     try:
         options = connection_options(args)
     except UsageError as exc:
