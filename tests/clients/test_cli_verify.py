@@ -1,7 +1,8 @@
 """`pagefusion fusion verify`: VerifyFusion's verdict, for people and scripts.
 
 The inconsistent case cannot be produced on a healthy server, so it runs
-against a scripted FusionService (as does the consistent case, for the exact output).
+against a scripted FusionService (as does the consistent case, for the exact
+output); a real server's verdict is checked too.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from concurrent import futures
 
 import grpc
 import pytest
-from clients_support import Cli
+from clients_support import Cli, memory_source
 
 from pagefusion.clients import formatting
 from pagefusion.v1 import fusion_pb2, fusion_pb2_grpc
@@ -86,6 +87,28 @@ def test_consistent_exits_0() -> None:
     with scripted(reply) as cli:
         assert "Consistent:                  yes" in cli.ok("fusion", "verify")
         assert json.loads(cli.ok("fusion", "verify", "--json"))["consistent"] is True
+
+
+def test_a_real_server_verifies_consistent(cli: Cli, machine_id: str) -> None:
+    for n in (1, 2):
+        cli.ok("createvm", "--name", f"{machine_id}-{n}", "--source", memory_source(seed=9),
+               "--page-fusion", "on")
+        cli.ok("startvm", f"{machine_id}-{n}")
+    try:
+        host = json.loads(cli.ok("--json", "fusion", "stats"))["host"]
+        report = json.loads(cli.ok("--json", "fusion", "verify"))
+        assert report["consistent"] is True
+        assert report["problems"] == []
+        # every mapped guest page and every frame in use was recounted
+        assert int(report["pages_checked"]) == int(host["guest_pages"]) > 0
+        assert int(report["frames_checked"]) == int(host["frames_used"]) > 0
+        text = cli.ok("fusion", "verify")
+        assert text.startswith("Consistent:                  yes\n")
+    finally:
+        for n in (1, 2):
+            cli.ok("controlvm", f"{machine_id}-{n}", "poweroff")
+            cli.ok("unregistervm", f"{machine_id}-{n}")
+
 
 
 @pytest.mark.parametrize("flag", ["--json", None])
