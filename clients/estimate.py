@@ -726,12 +726,17 @@ class Replay:
 # -- figures --------------------------------------------------------------------
 
 
-def pool_metadata(allocs: Iterable[int], pool_bytes: int, free_len: int | None = None) -> int:
-    """Bytes of a fresh FramePool's bookkeeping after ``allocs`` (frames per alloc call).
+def pool_metadata(
+    allocs: Iterable[int], pool_bytes: int, machines: int, free_len: int | None = None
+) -> int:
+    """Bytes of a fresh pool's and frame table's bookkeeping after ``allocs``.
 
-    Follows FramePool: refcounts grow in steps of 1/8 (at least 8 chunks),
-    capped at the reserved frames; two bit arrays, the free stack and two
-    per-chunk arrays follow the refcounts.
+    ``allocs`` are the frames of each allocation, in order; ``machines``
+    the machines started (each takes a slot of the frame table). Follows
+    FramePool (capacity grown in steps of 1/8, at least 8 chunks, capped at
+    the reserved frames; the free stack; two per-chunk arrays) and
+    FrameTable (a count and an owner per frame, two flag bits, two int64
+    counters per slot).
     """
     max_frames = max(1, pool_bytes // PAGE_SIZE)
     reserved = -(-(max_frames + 1) // CHUNK_FRAMES) * CHUNK_FRAMES
@@ -745,7 +750,13 @@ def pool_metadata(allocs: Iterable[int], pool_bytes: int, free_len: int | None =
             length = min(-(-hwm // step) * step, reserved)
     chunks = -(-length // CHUNK_FRAMES)
     free = CHUNK_FRAMES if free_len is None else free_len
-    return length + 2 * -(-length // 8) + 4 * free + 3 * chunks
+    pool = 4 * free + 3 * chunks
+    slots = 8
+    while slots <= machines:  # slot numbers start at 1; the arrays double when full
+        slots *= 2
+    owner = 1 if machines <= 0xFF else 2
+    table = length * (1 + owner) + 2 * -(-length // 8) + 2 * 8 * slots
+    return pool + table
 
 
 def _host_allocs(scan: Sequence[MachineScan], s: Scenario, host: int) -> list[int]:
@@ -805,7 +816,8 @@ def scenario_hosts(
         index = 8 * (int(s.indexed[h]) - flushed + pending)
         maps = sum(4 * scan[i].guest_pages + (scan[i].guest_pages if scan[i].live else 0)
                    for i in members)
-        metadata = pool_metadata(_host_allocs(scan, s, h), pool_bytes) + index + maps
+        allocs = _host_allocs(scan, s, h)
+        metadata = pool_metadata(allocs, pool_bytes, len(members)) + index + maps
         figures = host_figures(scan, guest, zero, frames, int(s.frames_shared[h]), metadata)
         out.append({"machines": [scan[i].spec.name for i in members], **figures})
     return out
@@ -931,7 +943,7 @@ def replay_hints(scan: Sequence[MachineScan], pool_bytes: int) -> dict[str, Any]
     frames_shared = int(np.count_nonzero(refs >= 2))
     allocs = [int(k) for m in scan for k in m.batch_nonzero.tolist()]
     maps = sum(4 * m.guest_pages + (m.guest_pages if m.live else 0) for m in scan)
-    metadata = pool_metadata(allocs, pool_bytes, free_len) + maps + module_bytes
+    metadata = pool_metadata(allocs, pool_bytes, len(scan), free_len) + maps + module_bytes
     machines = []
     for i, m in enumerate(scan):
         rows_i = frame_of[bases[i] : bases[i + 1]]
