@@ -428,3 +428,56 @@ def test_owner_records_widen_past_255_machines():
     result = e.verify()
     assert result.consistent, result.problems
     assert_identity(e)
+
+
+def test_a_refused_one_page_write_never_reaches_a_live_source():
+    # Issue 10, item 5: the one-page path wrote through before the budget check.
+    e = engine(max_pool_bytes=2 * PAGE)
+    mem = FakeMemory([(0, image(page(1), page(2), page(0)))], live=True)
+    e.start_machine("a", mem, page_fusion=True)
+    with pytest.raises(ResourceExhaustedError):
+        e.write("a", 2 * PAGE, b"\x07")  # the ZERO page needs a frame there is no room for
+    assert mem.blocks[0][1][2 * PAGE] == 0  # the guest's memory is untouched
+    assert e.read("a", 2 * PAGE, 1) == b"\x00"
+    assert e.verify().consistent
+
+
+def test_a_scan_out_of_budget_raises_and_marks_no_source_failed():
+    # Issue 10, item 5: RESOURCE_EXHAUSTED in a scan is not a failed source.
+    e = engine(max_pool_bytes=2 * PAGE)
+    mem = FakeMemory([(0, image(page(1), page(1), page(0)))], live=True)
+    e.start_machine("a", mem, page_fusion=True)
+    mem.blocks[0][1][2 * PAGE : 3 * PAGE] = page(3)  # the guest writes its ZERO page
+    mem.blocks[0][1][0:PAGE] = page(4)  # and one of its shared pages
+    with pytest.raises(ResourceExhaustedError):
+        e.scan(["a"])
+    m = e.machine_stats("a")
+    assert m.source_error == ""
+    assert e.verify().consistent
+    assert_identity(e)
+
+
+class RacingMemory(FakeMemory):
+    """A live source whose read races a guest write made through the engine."""
+
+    def __init__(self, *args, **kw):
+        super().__init__(*args, **kw)
+        self.race = None
+
+    def read(self, address, length):
+        data = super().read(address, length)  # the bytes before the write below
+        if self.race is not None:
+            race, self.race = self.race, None
+            race()
+        return data
+
+
+def test_a_scan_read_that_raced_a_write_never_undoes_it():
+    e = engine()
+    mem = RacingMemory([(0, image(page(1), page(2)))], live=True)
+    e.start_machine("a", mem, page_fusion=True)
+    mem.race = lambda: e.write("a", 0, b"\x09" * PAGE)  # written through to the source
+    e.scan(["a"])
+    assert e.read("a", 0, PAGE) == b"\x09" * PAGE
+    assert bytes(mem.blocks[0][1][:PAGE]) == b"\x09" * PAGE
+    assert e.verify().consistent
