@@ -14,7 +14,7 @@ import contextlib
 
 import structlog
 
-from pagefusion.server.engine import FusionEngine
+from pagefusion.server.engine import EngineError, FusionEngine
 
 log = structlog.get_logger(__name__)
 
@@ -29,6 +29,7 @@ class BackgroundScanner:
         self._tick = tick
         self._task: asyncio.Task[None] | None = None
         self._reported: dict[str, str] = {}
+        self._refused = ""  # the last engine refusal logged (each cause once)
 
     def start(self) -> None:
         if self._task is None:
@@ -48,7 +49,7 @@ class BackgroundScanner:
             return 0
         budget = max(1, int(config.pages_per_second * self._tick))
         result = await asyncio.to_thread(self._engine.scan, page_budget=budget)
-        if result.failed_machines:  # stats walk every page map: only when there is news
+        if result.failed_machines:
             failed = set(result.failed_machines)
             for machine in self._engine.stats().machines:
                 error = machine.source_error
@@ -63,6 +64,12 @@ class BackgroundScanner:
                 await self.step()
             except asyncio.CancelledError:
                 raise
+            except EngineError as exc:  # e.g. the pool's budget: say so, once per cause
+                if self._refused != exc.message:
+                    self._refused = exc.message
+                    log.warning("background_scan_refused", code=exc.code, error=exc.message)
             except Exception:  # never let one bad tick stop the scanner
                 log.exception("background_scan_failed")
+            else:
+                self._refused = ""
             await asyncio.sleep(self._tick)
