@@ -445,6 +445,15 @@ class FusionEngine:
         machine.ingested = 0
         machine.running = False
         del self._machines[machine.machine_id]
+        # Its frames' entries are stale now: lookups that meet stale entries
+        # take the slow path, so apply the removals at once (or drop the
+        # index with the domain's last machine).
+        index = self._indexes.get(machine.domain)
+        if index is not None:
+            if any(m.domain == machine.domain for m in self._machines.values()):
+                index.flush()
+            else:
+                del self._indexes[machine.domain]
 
     # -- ingest -------------------------------------------------------------
 
