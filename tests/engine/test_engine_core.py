@@ -1,3 +1,4 @@
+import contextlib
 import threading
 
 import numpy as np
@@ -296,6 +297,49 @@ def test_concurrent_writers_and_stats_readers_see_whole_operations():
         t.join()
     assert not errors
     assert_identity(e)
+    assert e.verify().consistent
+
+
+def test_threads_starting_stopping_writing_scanning_and_verifying_agree():
+    # Machines of different sizes come and go while others write, scan and
+    # recount; every recount (run while the others go on) must agree.
+    e = engine()
+    bodies = [image(*[page(i % 5 + 1, marker=i % (3 + k)) for i in range(40 + 90 * k)])
+              for k in range(3)]
+    errors: list[object] = []
+
+    def cycler(k: int) -> None:
+        for r in range(12):
+            name = f"m{k}"
+            live = r % 2 == 1
+            e.start_machine(name, FakeMemory([(0, bodies[k])], live=live), page_fusion=k != 1)
+            for i in range(20):
+                with contextlib.suppress(MachineNotRunningError):
+                    e.write(name, (i * 7 % 40) * PAGE, bytes([i % 3]) * (PAGE if i % 4 else 5))
+            e.stop_machine(name)
+
+    def scanner() -> None:
+        for _ in range(40):
+            with contextlib.suppress(MachineNotRunningError):
+                e.scan()
+
+    def verifier() -> None:
+        for _ in range(25):
+            result = e.verify(slice_frames=16)
+            if not result.consistent:
+                errors.append(result.problems)
+
+    threads = [threading.Thread(target=cycler, args=(k,)) for k in range(3)]
+    threads += [threading.Thread(target=scanner), threading.Thread(target=verifier)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    result = e.verify()
+    assert result.consistent, result.problems
+    h = e.stats().host
+    assert (h.guest_pages, h.frames_used, h.pages_saved) == (0, 0, 0)
 
 
 def test_stopping_a_large_machine_counts_instead_of_sorting(monkeypatch):
