@@ -1,12 +1,12 @@
-"""The ``file`` adapter: memory snapshots, raw or ELF64 cores.
+"""The ``file`` adapter: memory snapshots in the formats users hold.
 
-Two formats, told apart by the ELF magic:
+The format is told from the content:
 
-* Raw images (VMware .vmem, ``dd`` of a memory device, QEMU's ``pmemsave``):
-  one range from address 0. A tail that is not a whole page reads back
-  zero padded. Anything without the ELF magic is raw, except files that
-  start with the signature of a known other format (kdump-compressed,
-  Windows crash dumps and hibernation files, LiME, VMware suspend state,
+* Raw images (VMware .vmem, ``dd`` of a memory device, QEMU's ``pmemsave``,
+  LiME's ``raw`` and ``padded`` formats): one range from address 0. A tail
+  that is not a whole page reads back zero padded. Anything without a known
+  signature is raw, except files that start with the signature of a format
+  not read here (Windows hibernation files, VMware suspend state,
   gzip/xz/zstd/bzip2), which are refused by name.
 * ELF64 core files as ``virsh dump --memory-only``, QEMU's
   ``dump-guest-memory`` and VirtualBox's ``debugvm dumpvmcore`` write them:
@@ -16,12 +16,18 @@ Two formats, told apart by the ELF magic:
   below 4 GiB); ``p_memsz`` beyond ``p_filesz`` reads as zeros. VirtualBox
   writes MMIO ranges as PT_LOAD segments with no file data; those are device
   memory, not RAM, and stay unmapped.
+* LiME dumps (:mod:`.lime`) and Windows full crash dumps
+  (:mod:`.windows_dump`): runs of raw pages at known offsets, read like
+  ELF segments.
+* QEMU migration streams and libvirt save images (:mod:`.qemu_stream`),
+  kdump-compressed cores (:mod:`.kdump`) and Windows bitmap dumps: pages
+  indexed one by one, read through :class:`.paged.PagedFileMemory`.
 
-The file is mapped read-only and reads return memoryviews of the mapping;
-only pages a segment covers partly (a ragged edge, two segments sharing a
-page) are assembled in a buffer. Everything is validated at open, so a bad
-file fails ``StartMachine`` with a precise INVALID_ARGUMENT instead of
-failing halfway through ingest.
+The file is mapped read-only and reads return memoryviews of the mapping
+wherever the bytes lie contiguously; only pages a segment covers partly (a
+ragged edge, two segments sharing a page) are assembled in a buffer.
+Everything is validated at open, so a bad file fails ``StartMachine`` with a
+precise INVALID_ARGUMENT instead of failing halfway through ingest.
 """
 
 from __future__ import annotations
@@ -52,9 +58,20 @@ from pagefusion.adapters.helpers import (
     RangeLookup,
     open_allowed,
     page_round_up,
+    parse_size,
 )
+from pagefusion.adapters.kdump import FLAT_MAGIC, KDUMP_MAGIC, parse_kdump
+from pagefusion.adapters.lime import LIME_MAGIC, parse_lime
+from pagefusion.adapters.paged import PagedFileMemory, PageTable
+from pagefusion.adapters.qemu_stream import (
+    LIBVIRT_MAGIC,
+    LIBVIRT_PARTIAL,
+    QEVM_MAGIC,
+    parse_stream,
+)
+from pagefusion.adapters.windows_dump import parse_windows_dump
 
-__all__ = ["FileAdapter", "FileGuestMemory", "Segment", "parse_core"]
+__all__ = ["FileAdapter", "FileGuestMemory", "Segment", "open_snapshot", "parse_core"]
 
 ELF_MAGIC = b"\x7fELF"
 PT_LOAD = 1
@@ -82,15 +99,9 @@ class Segment:
 # Files users hold that are memory dumps but not raw images: refuse them by
 # name rather than fuse their headers and compressed pages as guest memory.
 _NOT_RAW = (
-    (b"KDUMP   ", "a kdump-compressed dump (virsh dump --format kdump-*); write ELF instead"),
-    (b"makedumpfile", "a makedumpfile flattened dump; write ELF instead"),
-    (b"PAGEDU64", "a Windows crash dump (.dmp)"),
-    (b"PAGEDUMP", "a Windows crash dump (.dmp)"),
     (b"hibr", "a Windows hibernation file"),
     (b"HIBR", "a Windows hibernation file"),
     (b"wake", "a Windows hibernation file"),
-    (b"EMiL", "a LiME dump"),
-    (b"QEVM", "a QEMU savevm/migration stream"),
     (b"\xd2\xbe\xd2\xbe", "a VMware suspend state (.vmss/.vmsn)"),
     (b"\xd0\xbe\xd2\xbe", "a VMware suspend state (.vmss/.vmsn)"),
     (b"\xd1\xba\xd1\xba", "a VMware suspend state (.vmss/.vmsn)"),
@@ -234,36 +245,20 @@ def _group(segments: Sequence[Segment]) -> list[tuple[MemoryRange, tuple[Segment
 
 
 class FileGuestMemory(GuestMemory):
-    """A snapshot file mapped read-only."""
+    """A snapshot file mapped read-only whose memory lies in contiguous segments."""
 
     live = False
 
-    def __init__(self, fd: int, path: str) -> None:
+    def __init__(
+        self, fd: int, path: str, mapping: mmap.mmap, segments: Sequence[Segment], fmt: str
+    ) -> None:
         self.path = path
+        self.format = fmt
         self._fd = fd
-        self._size = os.fstat(fd).st_size
-        if self._size == 0:
-            raise _fail(path, "empty file")
-        self._map = mmap.mmap(fd, self._size, mmap.MAP_SHARED, mmap.PROT_READ)
-        self._view = memoryview(self._map)
-        try:
-            if self._map[:4] == ELF_MAGIC:
-                self.format = "elf"
-                segments = parse_core(self._map, path)
-            else:
-                self.format = "raw"
-                head = bytes(self._map[:16])
-                for magic, what in _NOT_RAW:
-                    if head.startswith(magic):
-                        raise _fail(path, f"not a raw memory image or ELF core: {what}")
-                if self._size > MAX_TOTAL_BYTES:
-                    raise _fail(path, "raw image larger than 1 TiB")
-                segments = [Segment(0, 0, self._size, self._size)]
-        except BaseException:
-            self._view.release()
-            self._map.close()
-            raise
-        grouped = _group(segments)
+        self._size = len(mapping)
+        self._map = mapping
+        self._view = memoryview(mapping)
+        grouped = _group(sorted(segments, key=lambda seg: seg.paddr))
         self._ranges = tuple(r for r, _ in grouped)
         self._segments = [segs for _, segs in grouped]
         self._lookup = RangeLookup(self._ranges)
@@ -306,19 +301,103 @@ class FileGuestMemory(GuestMemory):
         os.close(self._fd)
 
 
+def _below_4g(options: Mapping[str, str]) -> int | None:
+    if not options.get("below_4g", "").strip():
+        return None
+    value = parse_size(options, "below_4g")
+    if value < 0 or value % PAGE_SIZE or value > 1 << 32:
+        raise InvalidOptionError(
+            "option 'below_4g' must be a multiple of 4096 of at most 4 GiB", option="below_4g"
+        )
+    return value
+
+
+def open_snapshot(fd: int, path: str, below_4g: int | None = None) -> GuestMemory:
+    """Map a snapshot file, detect its format, validate it and open it.
+
+    Args:
+        fd: an open descriptor of the file; owned by the result on success.
+        path: the name used in messages.
+        below_4g: QEMU streams only: bytes of the main RAM block below 4 GiB
+            (default: from the machine type the stream records).
+
+    Raises:
+        InvalidSourceError: an empty, truncated, hostile or unsupported file.
+        InvalidOptionError: ``below_4g`` given for a file that is not a QEMU stream.
+    """
+    size = os.fstat(fd).st_size
+    if size == 0:
+        raise _fail(path, "empty file")
+    mapping = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ)
+    view = memoryview(mapping)
+    try:
+        head = bytes(view[:16])
+        if head.startswith((QEVM_MAGIC, LIBVIRT_MAGIC, LIBVIRT_PARTIAL)):
+            table: PageTable = parse_stream(view, path, below_4g)
+            return _paged(fd, path, mapping, view, table, "qemu-stream")
+        if below_4g is not None:
+            raise InvalidOptionError(
+                "option 'below_4g' applies to QEMU migration streams only", option="below_4g"
+            )
+        if head.startswith((KDUMP_MAGIC, FLAT_MAGIC)):
+            kdump = parse_kdump(view, path)
+            fmt = "kdump-flattened" if kdump.flattened else "kdump"
+            return _paged(fd, path, mapping, view, kdump, fmt)
+        if head.startswith((b"PAGEDU64", b"PAGEDUMP")):
+            fmt, found = parse_windows_dump(view, path)
+            if isinstance(found, list):
+                segments = [Segment(r.base * PAGE_SIZE, r.offset, r.count * PAGE_SIZE,
+                                    r.count * PAGE_SIZE) for r in found]
+                return _extents(fd, path, mapping, view, segments, fmt)
+            return _paged(fd, path, mapping, view, found, fmt)
+        if head.startswith(LIME_MAGIC):
+            segments = [Segment(a, o, n, n) for a, o, n in parse_lime(view, path)]
+            return _extents(fd, path, mapping, view, segments, "lime")
+        if head.startswith(ELF_MAGIC):
+            return _extents(fd, path, mapping, view, parse_core(mapping, path), "elf")
+        for magic, what in _NOT_RAW:
+            if head.startswith(magic):
+                raise _fail(path, f"not a memory image pagefusion reads: {what}")
+        if size > MAX_TOTAL_BYTES:
+            raise _fail(path, "raw image larger than 1 TiB")
+        return _extents(fd, path, mapping, view, [Segment(0, 0, size, size)], "raw")
+    except BaseException:
+        view.release()
+        with contextlib.suppress(BufferError):
+            mapping.close()
+        raise
+
+
+def _paged(fd: int, path: str, mapping: mmap.mmap, view: memoryview, table: PageTable,
+           fmt: str) -> GuestMemory:
+    return PagedFileMemory(fd, path, mapping, view, table, fmt)
+
+
+def _extents(fd: int, path: str, mapping: mmap.mmap, view: memoryview,
+             segments: Sequence[Segment], fmt: str) -> GuestMemory:
+    view.release()
+    return FileGuestMemory(fd, path, mapping, segments, fmt)
+
+
 class FileAdapter(Adapter):
-    """Raw memory images and ELF64 core dumps under the server's --allow-path roots."""
+    """Memory snapshots under the server's --allow-path roots, format detected."""
 
     name = "file"
-    options = {"path": "absolute path of a raw memory image or an ELF64 core file"}
+    options = {
+        "path": "absolute path of a memory snapshot: raw image, ELF64 core, QEMU migration "
+                "stream or libvirt save image, kdump-compressed core, Windows crash dump, LiME",
+        "below_4g": "QEMU migration streams only: bytes of RAM below 4 GiB "
+                    "(default: from the machine type)",
+    }
 
     def open(self, options: Mapping[str, str], context: AdapterContext) -> GuestMemory:
         if "path" not in options:
             raise InvalidOptionError("option 'path' is required", option="path")
+        below_4g = _below_4g(options)
         path = options["path"]
         fd = open_allowed(path, context.allowed_paths, "path")
         try:
-            return FileGuestMemory(fd, path)
+            return open_snapshot(fd, path, below_4g)
         except BaseException:
             os.close(fd)
             raise

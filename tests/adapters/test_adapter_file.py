@@ -245,8 +245,8 @@ HOSTILE = {
     "no-load": "no PT_LOAD",
     "garbage": "ELF",
     "xnum-no-section": "PN_XNUM",
-    "kdump": "kdump-compressed",
-    "windows-dmp": "Windows crash dump",
+    "kdump": "kdump block size 0",
+    "windows-dmp": "claims 0 physical memory runs",
     "gzip": "gzip-compressed",
 }
 
