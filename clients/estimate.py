@@ -59,9 +59,15 @@ from pagefusion.adapters.base import AdapterContext, GuestMemory, MemoryRange
 PAGE_SIZE = 4096
 #: Buckets the hashes are partitioned into by their top bits: the sort and
 #: the replay work on one bucket at a time, so their temporaries stay small.
-BUCKET_BITS = 8
+BUCKET_BITS = 6
 BUCKETS = 1 << BUCKET_BITS
 _BUCKET_SHIFT = np.uint64(64 - BUCKET_BITS)
+#: Records the replay takes at once: consecutive buckets are fed together up
+#: to a 32nd of all records (so its temporaries stay a few bytes per page),
+#: but at least FEED_MIN (so small estimates pay few numpy calls) and at
+#: most FEED_MAX (bounded temporaries, about 100 bytes a record).
+FEED_MIN = 1 << 16
+FEED_MAX = 1 << 20
 #: Where the offline estimate may open files: the operator's own machine,
 #: so the operator's file permissions are the only limit.
 OPEN_ROOTS = (Path("/"),)
@@ -264,6 +270,9 @@ class Partial:
 
     machines: list[MachineScan]
     buckets: list[tuple[np.ndarray, np.ndarray, np.ndarray] | None]
+    #: False: each bucket is in batch order instead (a local estimate sorts
+    #: once, when it replays; a cluster sorts on the workers and merges).
+    ordered: bool = True
 
     @property
     def batches(self) -> int:
@@ -367,6 +376,7 @@ def scan_source(
     adapters: Mapping[str, Any] | None = None,
     progress: Callable[[int], None] | None = None,
     memory: GuestMemory | None = None,
+    ordered: bool = True,
 ) -> Partial:
     """Read one machine's source and keep its non-zero pages' hashes, sorted.
 
@@ -376,6 +386,7 @@ def scan_source(
         adapters: loaded adapters (default: discovered now).
         progress: called with the pages read since the last call.
         memory: the source, already opened with :func:`open_spec` (closed here).
+        ordered: sort each bucket now (for merges); else keep batch order.
     """
     started = time.perf_counter()
     if memory is None:
@@ -430,9 +441,10 @@ def scan_source(
                 if count:
                     kept = h[nonzero]
                     hi = kept[:, 0]
-                    bucket = (hi >> _BUCKET_SHIFT).astype(np.intp)
-                    order = np.argsort(bucket, kind="stable")
-                    bounds = np.searchsorted(bucket[order], np.arange(BUCKETS + 1))
+                    bucket = (hi >> _BUCKET_SHIFT).astype(np.uint8)
+                    order = np.argsort(bucket, kind="stable")  # radix sort: one byte
+                    bounds = np.zeros(BUCKETS + 1, dtype=np.int64)
+                    np.cumsum(np.bincount(bucket, minlength=BUCKETS), out=bounds[1:])
                     kept = kept[order]
                     for b in np.flatnonzero(np.diff(bounds)).tolist():
                         part = kept[bounds[b] : bounds[b + 1]]
@@ -455,7 +467,7 @@ def scan_source(
                 np.array(chunk_batches[b], dtype=np.uint32), [len(p[0]) for p in parts]
             )
             chunks[b] = []
-            buckets.append(_sort_records(hi, lo, batch_ids))
+            buckets.append(_sort_records(hi, lo, batch_ids) if ordered else (hi, lo, batch_ids))
         guest = flat
         scan = MachineScan(
             spec=spec,
@@ -470,7 +482,7 @@ def scan_source(
             registration_bytes=registration_bytes,
             seconds=time.perf_counter() - started,
         )
-        return Partial([scan], buckets)
+        return Partial([scan], buckets, ordered)
     finally:
         idle = getattr(memory, "idle", None)
         if idle is not None:
@@ -479,30 +491,52 @@ def scan_source(
         memory.close()
 
 
-def _bucket_of(partials: Sequence[Partial], b: int, release: bool) -> tuple[np.ndarray, ...]:
-    """Bucket ``b`` of consecutive partials merged, batches counted from the first."""
+def _bucket_of(
+    partials: Sequence[Partial], first: int, last: int, release: bool
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Buckets ``first`` to ``last`` (inclusive) of consecutive partials, merged and sorted.
+
+    Batches count from the first partial's first machine. Consecutive
+    buckets hold consecutive ranges of ``hi``, so they simply follow each
+    other.
+    """
     his, los, batches = [], [], []
     offset = 0
     for p in partials:
-        bucket = p.buckets[b]
-        assert bucket is not None, "bucket already released"
-        hi, lo, batch = bucket
-        his.append(hi)
-        los.append(lo)
-        batches.append(batch.astype(np.uint32) + np.uint32(offset) if offset else batch)
+        for b in range(first, last + 1):
+            bucket = p.buckets[b]
+            assert bucket is not None, "bucket already released"
+            hi, lo, batch = bucket
+            his.append(hi)
+            los.append(lo)
+            batches.append(batch + np.uint32(offset) if offset else batch)
+            if release:
+                p.buckets[b] = None
         offset += p.batches
-        if release:
-            p.buckets[b] = None
-    if len(partials) == 1:
+    if len(his) == 1 and partials[0].ordered:
         return his[0], los[0], batches[0]
     return _sort_records(np.concatenate(his), np.concatenate(los), np.concatenate(batches))
+
+
+def _feeds(partials: Sequence[Partial]) -> list[tuple[int, int]]:
+    """Runs of consecutive buckets to feed the replay at once (see FEED_MIN)."""
+    sizes = [sum(len(p.buckets[b][0]) for p in partials)  # type: ignore[index]
+             for b in range(BUCKETS)]
+    feed = min(max(sum(sizes) // 32, FEED_MIN), FEED_MAX)
+    runs, start, held = [], 0, 0
+    for b, size in enumerate(sizes):
+        held += size
+        if held >= feed or b == BUCKETS - 1:
+            runs.append((start, b))
+            start, held = b + 1, 0
+    return runs
 
 
 def merge_partials(first: Partial, second: Partial) -> Partial:
     """The partial of ``first``'s machines followed by ``second``'s (a tree-reduction step)."""
     pair = [first, second]
     buckets: list[tuple[np.ndarray, np.ndarray, np.ndarray] | None] = [
-        _bucket_of(pair, b, release=False) for b in range(BUCKETS)  # type: ignore[misc]
+        _bucket_of(pair, b, b, release=False) for b in range(BUCKETS)
     ]
     return Partial(first.machines + second.machines, buckets)
 
@@ -552,7 +586,7 @@ def make_scenario(
 ) -> Scenario:
     """A scenario: machines on ``host_of`` hosts; ``fusion``/``one_domain`` override settings."""
     pools: dict[tuple[int, str], int] = {}
-    pool_of = np.full(len(machines), -1, dtype=np.int64)
+    pool_of = np.full(len(machines), -1, dtype=np.int32)
     for i, spec in enumerate(machines):
         on = spec.page_fusion if fusion is None else fusion
         if on:
@@ -578,7 +612,7 @@ class Replay:
         self.machines = list(machines)
         self.scenarios = list(scenarios)
         self.batch_machine = np.repeat(
-            np.arange(len(machines), dtype=np.int64), [m.batches for m in machines]
+            np.arange(len(machines), dtype=np.int32), [m.batches for m in machines]
         )
         total_batches = len(self.batch_machine)
         for s in self.scenarios:
@@ -596,13 +630,12 @@ class Replay:
         n = len(hi)
         if not n:
             return
-        batch = batch.astype(np.int64)
         mach = self.batch_machine[batch]
         new = np.empty(n, dtype=bool)
         new[0] = True
         np.not_equal(hi[1:], hi[:-1], out=new[1:])
         new[1:] |= lo[1:] != lo[:-1]
-        cid = np.cumsum(new) - 1
+        cid = np.cumsum(new, dtype=np.int32) - 1
         contents = int(cid[-1]) + 1
         self._machine_sets(cid, mach, contents)
         for s in self.scenarios:
@@ -611,7 +644,7 @@ class Replay:
 
     def _machine_sets(self, cid: np.ndarray, mach: np.ndarray, contents: int) -> None:
         count = len(self.machines)
-        key = cid * count + mach  # sorted: pages of a content are in machine order
+        key = cid.astype(np.int64) * count + mach  # sorted: a content's pages in machine order
         first = np.empty(len(key), dtype=bool)
         first[0] = True
         np.not_equal(key[1:], key[:-1], out=first[1:])
@@ -620,7 +653,7 @@ class Replay:
         if self.content_ids is not None:
             order = np.argsort(pm, kind="stable")
             bounds = np.searchsorted(pm[order], np.arange(count + 1))
-            ids = pc[order] + self._next_content
+            ids = pc[order].astype(np.int64) + self._next_content
             for m in range(count):
                 if bounds[m + 1] > bounds[m]:
                     self.content_ids[m].append(ids[bounds[m] : bounds[m + 1]])
@@ -641,38 +674,52 @@ class Replay:
             self.pairs += np.rint(dense.T @ dense).astype(np.int64)
 
     def _scenario(self, s: Scenario, cid: np.ndarray, mach: np.ndarray, batch: np.ndarray) -> None:
-        pool = s.pool_of[mach]
-        fusing = np.flatnonzero(pool >= 0)
-        if not len(fusing):
-            return
         pools = int(s.pool_of.max()) + 1
-        if pools > 1:
-            key = cid[fusing] * pools + pool[fusing]
-            order = np.argsort(key, kind="stable")
-            idx = fusing[order]
-            key = key[order]
+        if pools <= 0:
+            return  # nothing fuses: every non-zero page has a frame of its own
+        pool = s.pool_of[mach]
+        if pools == 1 and bool(s.pool_of.min() >= 0):
+            idx = None  # every page, already grouped by content
+            g_cid = cid
         else:
-            idx = fusing
-            key = cid[fusing]
-        start = np.flatnonzero(np.r_[True, key[1:] != key[:-1]])
-        size = np.diff(np.r_[start, len(key)])
-        g_pool = pool[idx[start]]
-        g_host = s.pool_host[g_pool]
-        g_batch = batch[idx[start]]
+            if pools < 0xFFFF:  # a stable sort of 16-bit keys is a radix sort: linear
+                order = np.argsort((pool + 1).astype(np.uint16), kind="stable")
+            else:
+                order = np.argsort(pool, kind="stable")
+            idx = order[np.count_nonzero(pool < 0) :]
+            g_cid = cid[idx]
+        n = len(g_cid)
+        if not n:
+            return
+        edge = np.empty(n, dtype=bool)
+        edge[0] = True
+        np.not_equal(g_cid[1:], g_cid[:-1], out=edge[1:])
+        if idx is not None and pools > 1:
+            p_sorted = pool[idx]
+            edge[1:] |= p_sorted[1:] != p_sorted[:-1]
+        start = np.flatnonzero(edge)
+        size = np.diff(np.append(start, n))
+        first = start if idx is None else idx[start]
+        g_host = s.pool_host[pool[first]]
+        g_batch = batch[first]
         light = size <= MAX_REFCOUNT
-        lg = np.flatnonzero(light)
-        s.frames += np.bincount(g_host[lg], minlength=s.hosts)
-        s.indexed += np.bincount(g_host[lg], minlength=s.hosts)
-        shared_frames = (size[lg] >= 2).astype(np.float64)
-        s.frames_shared += np.bincount(g_host[lg], weights=shared_frames, minlength=s.hosts).astype(
-            np.int64
-        )
-        np.maximum.at(s.last_insert, g_host[lg], g_batch[lg])
-        np.add.at(s.new_frames, g_batch[lg], 1)
-        shared_group = np.repeat(light & (size >= 2), size)
-        s.shared_pages += np.bincount(mach[idx[shared_group]], minlength=len(s.shared_pages))
+        if light.all():
+            lg_host, lg_batch, lg_size = g_host, g_batch, size
+        else:
+            lg_host, lg_batch, lg_size = g_host[light], g_batch[light], size[light]
+        made = np.bincount(lg_host, minlength=s.hosts)
+        s.frames += made
+        s.indexed += made
+        s.frames_shared += np.bincount(lg_host[lg_size >= 2], minlength=s.hosts)
+        for h in np.flatnonzero(made).tolist():
+            s.last_insert[h] = max(int(s.last_insert[h]), int(lg_batch[lg_host == h].max()))
+        s.new_frames += np.bincount(lg_batch, minlength=len(s.new_frames))
+        shared = np.repeat(light & (size >= 2), size)
+        on = mach[shared] if idx is None else mach[idx[shared]]
+        s.shared_pages += np.bincount(on, minlength=len(s.shared_pages))
         for g in np.flatnonzero(~light).tolist():
-            pages = idx[start[g] : start[g] + size[g]]
+            span = np.arange(start[g], start[g] + size[g])
+            pages = span if idx is None else idx[span]
             self._heavy(s, int(g_host[g]), batch[pages], mach[pages])
 
     def _heavy(self, s: Scenario, host: int, batches: np.ndarray, machs: np.ndarray) -> None:
@@ -1047,8 +1094,9 @@ def evaluate(
         scenarios.append(round_robin)
     replay = Replay(scan, scenarios, content_ids=placing)
     keep = not release or placing
-    for b in range(BUCKETS):
-        replay.feed(*_bucket_of(partials, b, release=not keep))
+    feeds = _feeds(partials)
+    for first, last in feeds:
+        replay.feed(*_bucket_of(partials, first, last, release=not keep))
     result: dict[str, Any] = {}
     host = scenario_hosts(scan, configured, pool_bytes)[0]
     host.pop("machines")
@@ -1081,8 +1129,8 @@ def evaluate(
         del ids
         placed = make_scenario("placement", specs, host_of, options.hosts)
         second = Replay(scan, [placed], pairs=False)
-        for b in range(BUCKETS):
-            second.feed(*_bucket_of(partials, b, release=release))
+        for first, last in feeds:
+            second.feed(*_bucket_of(partials, first, last, release=release))
         placed_hosts = scenario_hosts(scan, placed, host_pool)
         rr_hosts = scenario_hosts(scan, round_robin, host_pool)
         placed_total = sum(h["frames_used"] for h in placed_hosts)
@@ -1186,7 +1234,8 @@ def estimate(
     opened.reverse()  # popped in start order; scan_source closes each
     try:
         for spec in specs:
-            partials.append(scan_source(spec, seed, memory=opened.pop(), progress=bar.advance))
+            partials.append(scan_source(spec, seed, memory=opened.pop(), progress=bar.advance,
+                                        ordered=False))
     finally:
         bar.close()
         for left in opened:
