@@ -518,10 +518,14 @@ def _bucket_of(
     return _sort_records(np.concatenate(his), np.concatenate(los), np.concatenate(batches))
 
 
+def _records(partial: Partial, b: int) -> int:
+    bucket = partial.buckets[b]
+    return 0 if bucket is None else len(bucket[0])
+
+
 def _feeds(partials: Sequence[Partial]) -> list[tuple[int, int]]:
     """Runs of consecutive buckets to feed the replay at once (see FEED_MIN)."""
-    sizes = [sum(len(p.buckets[b][0]) for p in partials)  # type: ignore[index]
-             for b in range(BUCKETS)]
+    sizes = [sum(_records(p, b) for p in partials) for b in range(BUCKETS)]
     feed = min(max(sum(sizes) // 32, FEED_MIN), FEED_MAX)
     runs, start, held = [], 0, 0
     for b, size in enumerate(sizes):
