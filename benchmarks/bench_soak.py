@@ -11,10 +11,12 @@ its own (start, stop, UpdateMachine with a field mask), create/delete of a
 scratch machine, and now and then RunScan and VerifyFusion. Every call is
 one that must succeed, so any failure is a finding.
 
-Every ``--interval`` seconds it prints the server's RSS, open file
-descriptors and threads, and the calls per second of the interval; at the
-end the totals, the failed calls (must be 0) and the RSS drift after the
-warm-up (first interval). Exit status 1 if any call failed.
+Every ``--interval`` seconds it prints the server's RSS, the engine's pool
+(frames held and metadata, from GetFusionStats), RSS minus the pool, open
+file descriptors and threads, and the calls per second of the interval; at
+the end the totals, the failed calls (must be 0) and the RSS figures after
+the warm-up (first interval): range and the means of the first and second
+half. Exit status 1 if any call failed.
 """
 
 from __future__ import annotations
@@ -236,26 +238,36 @@ async def soak(server: RunningServer, minutes: float, clients: int, interval: fl
     workers = [asyncio.create_task(Client(server.address, i, tally, seed).run(until))
                for i in range(clients)]
     samples: list[tuple[float, dict[str, int], float]] = []
-    print(f"{'t (s)':>7} {'server RSS (MiB)':>17} {'fds':>5} {'threads':>8} {'calls/s':>9}"
-          f" {'failed':>7}", flush=True)
+    # RSS moves with how many machines happen to run (each client toggles its
+    # own); "RSS - pool" takes the engine's frames and metadata out, so what
+    # is left (Python, gRPC, the registry) is what a leak would grow.
+    print(f"{'t (s)':>7} {'RSS (MiB)':>10} {'pool (MiB)':>11} {'RSS - pool':>11} {'fds':>5}"
+          f" {'threads':>8} {'calls/s':>9} {'failed':>7}", flush=True)
+    stats_channel = aio.insecure_channel(server.address)
+    stats_stub = fusion_pb2_grpc.FusionServiceStub(stats_channel)
 
-    def sample(end: bool = False) -> None:
+    async def sample(end: bool = False) -> None:
+        host = (await stats_stub.GetFusionStats(fusion_pb2.GetFusionStatsRequest())).host
+        figures = proc_status(server.pid)
         now = time.monotonic()
         since = samples[-1][0] if samples else start
         rate = tally.interval_calls / max(now - since, 1e-9)
         tally.interval_calls = 0
-        figures = proc_status(server.pid)
+        pool = (host.frames_used + host.frames_free) * PAGE + host.metadata_bytes
+        figures["other"] = figures["rss"] - pool
         samples.append((now, figures, rate))
-        print(f"{now - start:7.0f} {figures['rss'] / MiB:17.1f} {figures['fds']:5d}"
+        print(f"{now - start:7.0f} {figures['rss'] / MiB:10.1f} {pool / MiB:11.1f}"
+              f" {figures['other'] / MiB:11.1f} {figures['fds']:5d}"
               f" {figures['threads']:8d} {rate:9.1f} {sum(tally.failures.values()):7d}"
               + ("  (end: clients stopped)" if end else ""), flush=True)
 
     while time.monotonic() < until:
         await asyncio.sleep(min(interval, max(until - time.monotonic(), 0.01)))
-        sample()
+        await sample()
     await asyncio.gather(*workers)
     elapsed = time.monotonic() - start
-    sample(end=True)
+    await sample(end=True)
+    await stats_channel.close()
 
     total = sum(tally.calls.values())
     failed = sum(tally.failures.values())
@@ -266,11 +278,15 @@ async def soak(server: RunningServer, minutes: float, clients: int, interval: fl
     for example in tally.examples:
         print(f"  failure: {example}")
     if len(samples) >= 3:
-        warm = [s[1]["rss"] for s in samples[1:]]  # after the first interval (warm-up)
-        print(f"server RSS after warm-up: first {warm[0] / MiB:.1f} MiB, min {min(warm) / MiB:.1f},"
-              f" max {max(warm) / MiB:.1f}, last {warm[-1] / MiB:.1f} MiB"
-              f" (drift {(warm[-1] - warm[0]) / MiB:+.1f} MiB);"
-              f" fds {samples[1][1]['fds']} -> {samples[-1][1]['fds']},"
+        warm = samples[1:-1]  # after the first interval (warm-up), before the clients stop
+        for key, label in (("rss", "RSS"), ("other", "RSS - pool")):
+            values = [s[1][key] / MiB for s in warm]
+            half = len(values) // 2
+            first, second = values[:half] or values, values[half:]
+            print(f"{label} after warm-up: min {min(values):.1f}, max {max(values):.1f} MiB;"
+                  f" mean of the first half {sum(first) / len(first):.1f},"
+                  f" of the second half {sum(second) / len(second):.1f} MiB")
+        print(f"fds {samples[1][1]['fds']} -> {samples[-1][1]['fds']},"
               f" threads {samples[1][1]['threads']} -> {samples[-1][1]['threads']}")
     return 1 if failed else 0
 
