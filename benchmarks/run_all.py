@@ -880,6 +880,20 @@ def section_hints(cfg: Config, hints: dict[str, Any], plot: Plotter) -> str:
 # ---------------------------------------------------------------- main
 
 
+def section_estimate(cfg: Config) -> str:
+    """Section 7: ``pagefusion estimate`` against hashing alone, its memory, Dask 2 vs 1."""
+    import bench_estimate
+
+    print("[estimate] pagefusion estimate, hash-only, Dask", flush=True)
+    try:
+        body = bench_estimate.run(64 if cfg.quick else 1024, 4, 1 if cfg.quick else 2,
+                                  not cfg.quick)  # quick runs skip the Dask clusters
+    except Exception as exc:
+        traceback.print_exc()
+        body = f"Not measured: {type(exc).__name__}: {exc}\n"
+    return "## 7. `pagefusion estimate` (issue 14)\n\n" + body
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -955,6 +969,7 @@ def main(argv: list[str] | None = None) -> int:
     print("[hints] hint path against content path", flush=True)
     hints = bs.run_hints(cfg.hint_guests)
     sections.append(section_hints(cfg, hints, plot))
+    sections.append(section_estimate(cfg))
 
     elapsed = time.perf_counter() - t0
     kind = (

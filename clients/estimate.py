@@ -66,7 +66,7 @@ _BUCKET_SHIFT = np.uint64(64 - BUCKET_BITS)
 #: to a 32nd of all records (so its temporaries stay a few bytes per page),
 #: but at least FEED_MIN (so small estimates pay few numpy calls) and at
 #: most FEED_MAX (bounded temporaries, about 100 bytes a record).
-FEED_MIN = 1 << 16
+FEED_MIN = 1 << 14
 FEED_MAX = 1 << 20
 #: Where the offline estimate may open files: the operator's own machine,
 #: so the operator's file permissions are the only limit.
