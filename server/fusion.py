@@ -9,6 +9,7 @@ from google.protobuf import field_mask_pb2
 from grpc import aio
 
 from pagefusion.server.engine import FusionConfig, FusionEngine, FusionMode, FusionStats
+from pagefusion.server.engine_calls import quick
 from pagefusion.server.errors import invalid_argument
 from pagefusion.server.inventory import Inventory
 from pagefusion.server.metrics_catalog import profit_bytes
@@ -119,7 +120,7 @@ class FusionServicer(fusion_pb2_grpc.FusionServiceServicer):
     async def GetFusionStats(
         self, request: pb.GetFusionStatsRequest, context: aio.ServicerContext
     ) -> pb.GetFusionStatsResponse:
-        return stats_to_proto(await asyncio.to_thread(self._engine.stats))
+        return stats_to_proto(await quick(self._engine, self._engine.stats))
 
     async def VerifyFusion(
         self, request: pb.VerifyFusionRequest, context: aio.ServicerContext

@@ -14,6 +14,7 @@ from grpc import aio
 
 from pagefusion.adapters.base import GuestModule, ModuleRegion
 from pagefusion.server.engine import FusionEngine
+from pagefusion.server.engine_calls import quick
 from pagefusion.server.errors import invalid_argument
 from pagefusion.server.inventory import Inventory
 from pagefusion.server.resources import parse_machine_name
@@ -45,8 +46,8 @@ class GuestMemoryServicer(guest_memory_pb2_grpc.GuestMemoryServiceServicer):
             raise invalid_argument(
                 "length", f"must be 1 to {MAX_TRANSFER_BYTES} bytes, got {request.length}"
             )
-        data = await asyncio.to_thread(
-            self._engine.read, machine_id, request.address, request.length
+        data = await quick(
+            self._engine, self._engine.read, machine_id, request.address, request.length
         )
         return pb.ReadGuestMemoryResponse(data=bytes(data))
 
@@ -58,8 +59,8 @@ class GuestMemoryServicer(guest_memory_pb2_grpc.GuestMemoryServiceServicer):
             raise invalid_argument(
                 "data", f"at most {MAX_TRANSFER_BYTES} bytes, got {len(request.data)}"
             )
-        copied = await asyncio.to_thread(
-            self._engine.write, machine_id, request.address, request.data
+        copied = await quick(
+            self._engine, self._engine.write, machine_id, request.address, request.data
         )
         return pb.WriteGuestMemoryResponse(pages_copied_on_write=copied)
 
@@ -67,7 +68,7 @@ class GuestMemoryServicer(guest_memory_pb2_grpc.GuestMemoryServiceServicer):
         self, request: pb.GetPageInfoRequest, context: aio.ServicerContext
     ) -> pb.GetPageInfoResponse:
         machine_id = self._running(request.name)
-        info = await asyncio.to_thread(self._engine.page_info, machine_id, request.address)
+        info = await quick(self._engine, self._engine.page_info, machine_id, request.address)
         return pb.GetPageInfoResponse(
             state=cast(pb.PageState, int(info.state)), share_count=info.share_count
         )
@@ -78,7 +79,7 @@ class GuestMemoryServicer(guest_memory_pb2_grpc.GuestMemoryServiceServicer):
         self, request: pb.ListGuestModulesRequest, context: aio.ServicerContext
     ) -> pb.ListGuestModulesResponse:
         machine_id = self._running(request.name)
-        modules = await asyncio.to_thread(self._engine.modules, machine_id)
+        modules = await quick(self._engine, self._engine.modules, machine_id)
         return pb.ListGuestModulesResponse(modules=[module_to_proto(m) for m in modules])
 
     async def RegisterSharedModule(
@@ -86,7 +87,7 @@ class GuestMemoryServicer(guest_memory_pb2_grpc.GuestMemoryServiceServicer):
     ) -> pb.RegisterSharedModuleResponse:
         machine_id = self._running(request.name)
         module = module_from_proto(request.module)
-        await asyncio.to_thread(self._engine.register_module, machine_id, module)
+        await quick(self._engine, self._engine.register_module, machine_id, module)
         return pb.RegisterSharedModuleResponse()
 
     async def UnregisterSharedModule(
@@ -94,7 +95,7 @@ class GuestMemoryServicer(guest_memory_pb2_grpc.GuestMemoryServiceServicer):
     ) -> pb.UnregisterSharedModuleResponse:
         machine_id = self._running(request.name)
         module = module_from_proto(request.module)
-        await asyncio.to_thread(self._engine.unregister_module, machine_id, module)
+        await quick(self._engine, self._engine.unregister_module, machine_id, module)
         return pb.UnregisterSharedModuleResponse()
 
     async def CheckSharedModules(
@@ -108,7 +109,7 @@ class GuestMemoryServicer(guest_memory_pb2_grpc.GuestMemoryServiceServicer):
         self, request: pb.GetPageSharingStatusRequest, context: aio.ServicerContext
     ) -> pb.GetPageSharingStatusResponse:
         machine_id = self._running(request.name)
-        enabled = await asyncio.to_thread(self._engine.page_sharing_enabled, machine_id)
+        enabled = await quick(self._engine, self._engine.page_sharing_enabled, machine_id)
         return pb.GetPageSharingStatusResponse(enabled=enabled)
 
 
