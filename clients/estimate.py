@@ -40,6 +40,7 @@ the machines onto hosts (greedy by marginal frames, then replayed exactly).
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import json
 import os
@@ -63,10 +64,10 @@ BUCKET_BITS = 6
 BUCKETS = 1 << BUCKET_BITS
 _BUCKET_SHIFT = np.uint64(64 - BUCKET_BITS)
 #: Records the replay takes at once: consecutive buckets are fed together up
-#: to a 32nd of all records (so its temporaries stay a few bytes per page),
+#: to a 64th of all records (so its temporaries stay a few bytes per page),
 #: but at least FEED_MIN (so small estimates pay few numpy calls) and at
 #: most FEED_MAX (bounded temporaries, about 100 bytes a record).
-FEED_MIN = 1 << 14
+FEED_MIN = 1 << 13
 FEED_MAX = 1 << 20
 #: Where the offline estimate may open files: the operator's own machine,
 #: so the operator's file permissions are the only limit.
@@ -215,8 +216,8 @@ def open_spec(spec: MachineSpec, adapters: Mapping[str, Any] | None = None) -> G
 def hash_pages(buf: memoryview, pages: int, seed: int) -> np.ndarray:
     """Keyed mmh3 x64 128-bit hashes of ``pages`` 4 KiB pages, as (pages, 2) uint64."""
     digest = mmh3.mmh3_x64_128_digest
-    out = b"".join([digest(buf[i : i + PAGE_SIZE], seed) for i in range(0, pages * PAGE_SIZE,
-                                                                          PAGE_SIZE)])
+    end = pages * PAGE_SIZE
+    out = b"".join([digest(buf[i : i + PAGE_SIZE], seed) for i in range(0, end, PAGE_SIZE)])
     return np.frombuffer(out, dtype=np.uint64).reshape(-1, 2)
 
 
@@ -330,8 +331,6 @@ def _registrations(
     offsets = np.cumsum([0] + [r.pages for r in ranges]).tolist()
 
     def span(first: int, count: int) -> np.ndarray | None:
-        import bisect
-
         out = np.empty(count, dtype=np.int64)
         page, last = first, first + count
         while page < last:
@@ -526,7 +525,7 @@ def _records(partial: Partial, b: int) -> int:
 def _feeds(partials: Sequence[Partial]) -> list[tuple[int, int]]:
     """Runs of consecutive buckets to feed the replay at once (see FEED_MIN)."""
     sizes = [sum(_records(p, b) for p in partials) for b in range(BUCKETS)]
-    feed = min(max(sum(sizes) // 32, FEED_MIN), FEED_MAX)
+    feed = min(max(sum(sizes) // 64, FEED_MIN), FEED_MAX)
     runs, start, held = [], 0, 0
     for b, size in enumerate(sizes):
         held += size
@@ -1343,6 +1342,9 @@ def run_cli(
     try:
         if (args.hosts is None) != (args.host_memory is None):
             error("--hosts and --host-memory go together")
+            return 2
+        if args.hosts is not None and (args.hosts < 1 or args.host_memory < PAGE_SIZE):
+            error("--hosts must be at least 1 and --host-memory at least one page (4096)")
             return 2
         specs = load_specs(args.specs)
         options = Options(hosts=args.hosts, host_memory=args.host_memory)

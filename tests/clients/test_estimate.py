@@ -183,4 +183,7 @@ def test_duplicate_ids_and_partial_placement_flags(tmp_path: Path) -> None:
     done = subprocess.run([pagefusion_command(), "estimate", "--hosts", "2", str(spec)],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and "--host-memory" in done.stderr
+    done = subprocess.run([pagefusion_command(), "estimate", "--hosts", "0", "--host-memory",
+                           "1G", str(spec)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "at least 1" in done.stderr
     assert estimate(load_specs([spec]), Options())["host"]["guest_pages"] == 256
