@@ -60,6 +60,11 @@ async def _guard(
             if _cancelled(exc):
                 code = grpc.StatusCode.CANCELLED
                 raise
+            if isinstance(exc, NotImplementedError) and (
+                context.code() == grpc.StatusCode.UNIMPLEMENTED
+            ):  # the generated base class: a method this server does not serve
+                code = grpc.StatusCode.UNIMPLEMENTED
+                await context.abort(code, f"{method} is not implemented by this server")
             status = to_status(exc, request if isinstance(request, Message) else None)
             code = status.code
             await context.abort(status.code, status.details, status.trailing_metadata)

@@ -107,3 +107,18 @@ def test_second_server_on_same_data_dir_is_refused(make_server, tmp_path):
     make_server()
     with pytest.raises(OSError, match="in use by another pagefusion-server"):
         make_server(data_dir=tmp_path / "data")
+
+
+def test_a_method_the_server_does_not_serve_is_unimplemented(
+    make_server, api_for, expect_failure, monkeypatch
+):
+    # The generated base class answers for a servicer method that is missing.
+    from pagefusion.server.fusion import FusionServicer
+    from pagefusion.v1 import fusion_pb2
+
+    monkeypatch.delattr(FusionServicer, "VerifyFusion")
+    api = api_for(make_server())
+    failure = expect_failure(
+        api.fusion.VerifyFusion, fusion_pb2.VerifyFusionRequest(), Code.UNIMPLEMENTED
+    )
+    assert "VerifyFusion" in failure.message
