@@ -43,7 +43,15 @@ import numpy as np
 
 from pagefusion.adapters.base import PAGE_SIZE, MemoryRange
 from pagefusion.adapters.helpers import MAX_PHYS_ADDRESS, MAX_TOTAL_BYTES
-from pagefusion.adapters.paged import POPCOUNT, RAW, Special, codec, fail, runs_of_bits
+from pagefusion.adapters.paged import (
+    POPCOUNT,
+    RAW,
+    Special,
+    codec,
+    fail,
+    rank_table,
+    runs_of_bits,
+)
 
 __all__ = ["FLAT_MAGIC", "KDUMP_MAGIC", "KdumpTable", "parse_kdump"]
 
@@ -242,13 +250,18 @@ def parse_kdump(data: memoryview, path: str) -> KdumpTable:
     if desc_at > vf.size or 2 * half > len(data):
         raise fail(path, f"truncated kdump: bitmaps end at {desc_at:#x}, the dump at "
                          f"{vf.size:#x}")
-    exists = np.frombuffer(bytes(vf.read(bitmap_at, half)), dtype=np.uint8)
-    dumped = np.frombuffer(bytes(vf.read(bitmap_at + half, half)), dtype=np.uint8)
-    for name, bitmap in (("memory", exists), ("dump", dumped)):
-        tail = bitmap[frames // 8 :].copy()
-        if len(tail):
-            tail[0] &= 0xFF ^ ((1 << (frames % 8)) - 1)
-            if tail.any():
+    used = (frames + 7) // 8
+    exists = np.frombuffer(bytes(vf.read(bitmap_at, used)), dtype=np.uint8).copy()
+    dumped = np.frombuffer(bytes(vf.read(bitmap_at + half, used)), dtype=np.uint8).copy()
+    for name, bitmap, at in (("memory", exists, bitmap_at), ("dump", dumped, bitmap_at + half)):
+        if len(bitmap) < used:
+            raise fail(path, f"truncated kdump {name} bitmap")
+        if frames % 8 and bitmap[-1] >> (frames % 8):
+            raise fail(path, f"kdump {name} bitmap marks frames past max_mapnr ({frames})")
+        # The rest of each half must be clear; read it in chunks, never whole.
+        for lo in range(at + used, at + half, _CHECK_CHUNK * 16):
+            chunk = vf.read(lo, min(_CHECK_CHUNK * 16, at + half - lo))
+            if np.frombuffer(chunk, dtype=np.uint8).any():
                 raise fail(path, f"kdump {name} bitmap marks frames past max_mapnr ({frames})")
     orphans = np.flatnonzero(dumped & ~exists)
     if len(orphans):
@@ -257,7 +270,7 @@ def parse_kdump(data: memoryview, path: str) -> KdumpTable:
                                                        bitorder="little"))[0])
         raise fail(path, f"kdump dump bitmap marks frame {pfn:#x}, which the memory bitmap "
                          "says does not exist")
-    bits = np.unpackbits(exists[: (frames + 7) // 8], bitorder="little")[:frames]
+    bits = np.unpackbits(exists, bitorder="little")[:frames]
     ranges = [MemoryRange(a * PAGE_SIZE, n * PAGE_SIZE) for a, n in runs_of_bits(bits)]
     del bits
     if not ranges:
@@ -265,10 +278,7 @@ def parse_kdump(data: memoryview, path: str) -> KdumpTable:
     if sum(r.size for r in ranges) > MAX_TOTAL_BYTES:
         raise fail(path, "kdump memory bitmap marks more than 1 TiB of guest memory")
     per_rank = _RANK_FRAMES // 8
-    counts = POPCOUNT[dumped].astype(np.int64)
-    padded = np.zeros(-(-len(counts) // per_rank) * per_rank, dtype=np.int64)
-    padded[: len(counts)] = counts
-    ranks = np.concatenate(([0], np.cumsum(padded.reshape(-1, per_rank).sum(axis=1))))
+    ranks = rank_table(dumped, per_rank)
     total = int(ranks[-1])
     desc_end = desc_at + total * DESC.itemsize
     if desc_end > vf.size or total * DESC.itemsize > len(data):

@@ -56,6 +56,7 @@ __all__ = [
     "Special",
     "codec",
     "fail",
+    "rank_table",
     "runs_of_bits",
 ]
 
@@ -198,6 +199,14 @@ def codec(flag: int, path: str, where: str) -> Codec:
             f"{found.package!r} is not installed (pip install 'pagefusion[formats]')",
         )
     return found
+
+
+def rank_table(bitmap: np.ndarray, per: int) -> np.ndarray:
+    """Set bits before each block of ``per`` bitmap bytes (one more entry: the total)."""
+    padded = np.zeros(-(-len(bitmap) // per) * per, dtype=np.uint8)
+    padded[: len(bitmap)] = bitmap
+    sums = POPCOUNT[padded].reshape(-1, per).sum(axis=1, dtype=np.int64)
+    return np.concatenate(([0], np.cumsum(sums)))
 
 
 def runs_of_bits(bits: np.ndarray) -> list[tuple[int, int]]:

@@ -205,6 +205,11 @@ def _ram_setup(r: _Reader, path: str) -> dict[str, _Block]:
     remaining = total & ~_FLAGS
     if remaining > MAX_TOTAL_BYTES:
         raise fail(path, f"ram section claims {remaining} bytes of RAM (limit 1 TiB)")
+    # Each page takes at least a 9-byte record: a claim the rest of the file
+    # cannot hold is refused before its index is allocated.
+    if remaining // PAGE_SIZE * 9 > r.size - r.pos:
+        raise fail(path, f"ram section claims {remaining} bytes of RAM; the {r.size - r.pos} "
+                         "bytes left in the stream cannot hold that many pages")
     blocks: dict[str, _Block] = {}
     while remaining:
         at = r.pos

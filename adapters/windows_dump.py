@@ -32,7 +32,7 @@ import numpy as np
 
 from pagefusion.adapters.base import PAGE_SIZE, MemoryRange
 from pagefusion.adapters.helpers import MAX_PHYS_ADDRESS, MAX_TOTAL_BYTES
-from pagefusion.adapters.paged import POPCOUNT, Special, fail
+from pagefusion.adapters.paged import POPCOUNT, Special, fail, rank_table
 
 __all__ = ["BitmapDumpTable", "Run", "parse_windows_dump"]
 
@@ -64,11 +64,7 @@ class BitmapDumpTable:
         self.ranges = tuple(ranges)
         self._bitmap = bitmap
         self._first = first_page
-        per = _RANK_FRAMES // 8
-        counts = POPCOUNT[bitmap].astype(np.int64)
-        padded = np.zeros(-(-len(counts) // per) * per, dtype=np.int64)
-        padded[: len(counts)] = counts
-        self._ranks = np.concatenate(([0], np.cumsum(padded.reshape(-1, per).sum(axis=1))))
+        self._ranks = rank_table(bitmap, _RANK_FRAMES // 8)
 
     def locate(self, index: int, first: int, count: int) -> tuple[np.ndarray, list[Special]]:
         lo = self.ranges[index].address // PAGE_SIZE + first
@@ -173,8 +169,17 @@ def _bitmap(data: memoryview, path: str, runs: list[Run]) -> BitmapDumpTable:
     if bits == 0 or bits > MAX_PHYS_ADDRESS // PAGE_SIZE or at + 0x38 + nbytes > size:
         raise fail(path, f"Windows bitmap dump: a bitmap of {bits} pages does not fit in the "
                          f"file ({size:#x} bytes)")
-    bitmap = np.frombuffer(bytes(data[at + 0x38 : at + 0x38 + nbytes]), dtype=np.uint8).copy()
-    if bits % 8:
+    # Bits past the last run must be clear: check them in place and keep
+    # only the bytes the runs cover (a sparse file may claim a huge bitmap).
+    top = max(r.base + r.count for r in runs)
+    keep = min(nbytes, -(-top // 8))
+    start = at + 0x38
+    for lo in range(start + keep, start + nbytes, 16 << 20):
+        if np.frombuffer(data[lo : min(lo + (16 << 20), start + nbytes)], dtype=np.uint8).any():
+            raise fail(path, "Windows bitmap dump: pages past the last physical memory run "
+                             "are marked present")
+    bitmap = np.frombuffer(bytes(data[start : start + keep]), dtype=np.uint8).copy()
+    if bits % 8 and keep == nbytes:
         bitmap[-1] &= (1 << (bits % 8)) - 1
     counted = int(POPCOUNT[bitmap].sum(dtype=np.int64))
     if counted != present:

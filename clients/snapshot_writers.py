@@ -315,9 +315,10 @@ def write_kdump(
         w = _Flattener(f, flattened)
         w.put(0, bytes(head))
         w.put(PAGE, bytes(sub))
-        w.put(2 * PAGE, bytes(exists[: blocks // 2 * PAGE].ljust(blocks // 2 * PAGE, b"\0")))
-        w.put(2 * PAGE + blocks // 2 * PAGE,
-              bytes(dumped[: blocks // 2 * PAGE].ljust(blocks // 2 * PAGE, b"\0")))
+        half = blocks // 2 * PAGE
+        # Only the real bitmaps' bytes: a header claiming more lies about them.
+        w.put(2 * PAGE, bytes(exists[:half]))
+        w.put(2 * PAGE + half, bytes(dumped[:half]))
         for k in range(0, len(descs), 24 * 682):  # QEMU's page-descriptor cache size
             w.put(desc_at + k, bytes(descs[k : k + 24 * 682]))
         if not exclude_zero:
