@@ -62,6 +62,8 @@ class Settings:
     allow_paths: tuple[Path, ...] = ()
     metrics_listen: str | None = None
     max_pool_bytes: int | None = None
+    #: Back the frame pool with transparent huge pages (off: see FramePool).
+    huge_pages: bool = False
     #: Seconds in-flight calls get to finish on shutdown.
     grace_seconds: float = 10.0
     #: TLS: certificate chain and key (both or neither), and the CA that
@@ -97,7 +99,9 @@ class PagefusionServer:
         )
         self.registry = Registry(settings.data_dir)
         self.engine = FusionEngine(
-            max_pool_bytes=settings.max_pool_bytes, config=self.registry.load_fusion_config()
+            max_pool_bytes=settings.max_pool_bytes,
+            config=self.registry.load_fusion_config(),
+            huge_pages=settings.huge_pages,
         )
         self.adapters = dict(load_adapters() if adapters is None else adapters)
         self.inventory = Inventory(self.registry)

@@ -263,6 +263,8 @@ class FusionEngine:
             the host's physical memory.
         hash_seed: seed of the keyed content hash; default a secret random one.
         config: initial fusion settings.
+        huge_pages: back the frame pool with transparent huge pages (see
+            FramePool; off by default).
     """
 
     def __init__(
@@ -271,10 +273,11 @@ class FusionEngine:
         max_pool_bytes: int | None = None,
         hash_seed: int | None = None,
         config: FusionConfig | None = None,
+        huge_pages: bool = False,
     ) -> None:
         self._lock = threading.RLock()
         limit = max_pool_bytes if max_pool_bytes is not None else host_memory_bytes()
-        self._pool = FramePool(max(1, limit // PAGE_SIZE))
+        self._pool = FramePool(max(1, limit // PAGE_SIZE), huge_pages=huge_pages)
         self._frames = FrameTable(self._pool, self._forget_frames)
         self._arena = self._pool.frames.data.cast("B")
         self._seed = hash_seed if hash_seed is not None else secrets.randbits(32)

@@ -1,10 +1,11 @@
 """The host frame pool: where the one copy of every distinct page lives.
 
 One large anonymous mapping is reserved up front (MAP_NORESERVE: address
-space only, no memory) and used from the bottom in 2 MiB chunks, advised as
-huge pages. Frame ``f`` is the 4 KiB at ``f * PAGE_SIZE``. Frame 0 is the
-zero frame: never handed out, never written, so a guest page mapped to 0 is
-a ZERO page backed by no memory at all.
+space only, no memory) and used from the bottom in 2 MiB chunks (advised as
+transparent huge pages only on request: see FramePool). Frame ``f`` is the
+4 KiB at ``f * PAGE_SIZE``. Frame 0 is the zero frame: never handed out,
+never written, so a guest page mapped to 0 is a ZERO page backed by no
+memory at all.
 
 The pool knows only which frames are handed out; who uses a frame, its
 count and its flags are the frame table's (frames.py). Free frames sit on a
@@ -91,7 +92,18 @@ class FramePool:
         used: frames handed out and not released.
     """
 
-    def __init__(self, max_frames: int) -> None:
+    def __init__(self, max_frames: int, *, huge_pages: bool = False) -> None:
+        """
+        Args:
+            max_frames: the budget, in frames.
+            huge_pages: advise the arena as transparent huge pages and
+                populate fresh frames ahead of need on a helper thread.
+                Off by default: measured on this project's 2-core VMs, a
+                fresh process's first touch of huge pages cost about 1 s of
+                system time per 256 MiB of frames (a first start 2 to 5
+                times slower than the next), while 4 KiB pages made a first
+                start as fast as a warm one.
+        """
         if max_frames < 1:
             raise ValueError("the pool needs room for at least one frame")
         self.max_frames = max_frames
@@ -107,13 +119,13 @@ class FramePool:
         )
         raw = np.frombuffer(self._mm, dtype=np.uint8)
         self._offset = -raw.ctypes.data % chunk_bytes
-        # Huge pages halve first-touch cost where the kernel allows them.
-        with contextlib.suppress(AttributeError, OSError):
-            self._mm.madvise(mmap.MADV_HUGEPAGE)
+        if huge_pages:
+            with contextlib.suppress(AttributeError, OSError):
+                self._mm.madvise(mmap.MADV_HUGEPAGE)
         self.frames = raw[self._offset : self._offset + self._reserved_frames * PAGE_SIZE].reshape(
             -1, PAGE_SIZE
         )
-        self._prefaulter = _Prefaulter.start(self.frames.ctypes.data)
+        self._prefaulter = _Prefaulter.start(self.frames.ctypes.data) if huge_pages else None
         self._populated = 1  # frames below this are populated or handed out
         self.words = self.frames.view(np.uint64)
         self._capacity = CHUNK_FRAMES  # frames the per-frame arrays must cover

@@ -525,3 +525,17 @@ def test_a_scan_read_that_raced_a_write_never_undoes_it():
     assert e.read("a", 0, PAGE) == b"\x09" * PAGE
     assert bytes(mem.blocks[0][1][:PAGE]) == b"\x09" * PAGE
     assert e.verify().consistent
+
+
+def test_huge_pages_are_an_option_with_the_same_figures():
+    mem = image(*[page(i % 5 + 1) for i in range(600)], page(0))
+    figures = []
+    for huge in (False, True):
+        e = engine(huge_pages=huge)
+        e.start_machine("a", FakeMemory([(0, mem)]), page_fusion=True)
+        h = e.stats().host
+        figures.append((h.frames_used, h.pages_saved, h.zero_pages))
+        assert e.read("a", 0, len(mem)) == bytes(mem)
+        assert e.verify().consistent
+        e.close()
+    assert figures[0] == figures[1] == (5, 595, 1)

@@ -99,7 +99,7 @@ def _resident_bytes(pool: FramePool) -> int:
 
 
 def test_frames_populated_ahead_are_given_back_by_trim():
-    pool = FramePool(64 * CHUNK_FRAMES)
+    pool = FramePool(64 * CHUNK_FRAMES, huge_pages=True)
     if pool._prefaulter is None:  # kernels before 5.14: nothing is populated ahead
         pool.trim()
         assert _resident_bytes(pool) == 0
@@ -109,3 +109,16 @@ def test_frames_populated_ahead_are_given_back_by_trim():
     assert _resident_bytes(pool) >= 4 * CHUNK_FRAMES * 4096
     pool.trim()
     assert _resident_bytes(pool) <= CHUNK_FRAMES * 4096  # at most the chunk holding the mark
+
+
+def test_without_huge_pages_nothing_is_populated_ahead():
+    pool = FramePool(64 * CHUNK_FRAMES)  # the default
+    # Deltas: the kernel may merge this mapping with a neighbour in smaps.
+    before = _resident_bytes(pool)
+    pool.prefault(8 * CHUNK_FRAMES)
+    assert _resident_bytes(pool) == before
+    frames = pool.alloc(CHUNK_FRAMES)
+    pool.frames[frames] = 1
+    grown = _resident_bytes(pool) - before
+    assert CHUNK_FRAMES * 4096 <= grown <= 2 * CHUNK_FRAMES * 4096  # touched frames only
+    pool.close()

@@ -1,0 +1,233 @@
+"""The user's path (issue 11): a fresh server, over gRPC, against bare gRPC.
+
+    python benchmarks/bench_userpath.py [--guest-mib 256] [--repeats 3] [--growth 1,2,4,8]
+
+1. Cold against warm: a fresh ``pagefusion-server`` subprocess starts two
+   guests (their RAM as files in /dev/shm through the ``shm`` adapter, the
+   way a live QEMU guest is read; synthetic Windows 10 bytes), stops them,
+   and starts them again. Wall time of the StartMachine calls and the
+   server's CPU time (user + system, from /proc). Repeated with a new
+   server each time.
+2. Per-call overhead, 50 concurrent grpc.aio clients on loopback, against a
+   bare grpc.aio server with only the health service, in the same run:
+   health, GetPageInfo, ReadGuestMemory (4 KiB), GetFusionStats.
+3. Growth: guests of 1 GiB started one after another over gRPC: seconds per
+   GiB started and GetFusionStats latency as guest memory grows.
+
+Prints markdown tables; asserts nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from pagefusion.adapters.base import AdapterContext
+from pagefusion.adapters.registry import open_source
+from pagefusion.clients.testing import run_server
+from pagefusion.v1 import fusion_pb2 as fpb
+from pagefusion.v1 import fusion_pb2_grpc, guest_memory_pb2, guest_memory_pb2_grpc, machine_pb2_grpc
+from pagefusion.v1 import machine_pb2 as mpb
+
+MiB = 1 << 20
+GiB = 1 << 30
+SHM = Path("/dev/shm")
+
+BARE_SERVER = r"""
+import asyncio, sys
+import grpc
+from grpc_health.v1 import health, health_pb2_grpc
+async def main():
+    server = grpc.aio.server()
+    health_pb2_grpc.add_HealthServicer_to_server(health.aio.HealthServicer(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    print(port, flush=True)
+    await server.wait_for_termination()
+asyncio.run(main())
+"""
+
+
+def cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def write_guests(mib: int, count: int) -> list[Path]:
+    """Synthetic Windows 10 guests' bytes as RAM files in /dev/shm."""
+    paths = []
+    for i in range(count):
+        path = SHM / f"pagefusion-userpath-{os.getpid()}-{i}"
+        memory = open_source("synthetic-windows", {"seed": str(i + 1)}, AdapterContext(
+            f"g{i}", os_type="Windows10_64", memory_size_bytes=mib * MiB))
+        with open(path, "wb") as f:
+            for address in range(0, mib * MiB, 64 * MiB):
+                f.write(bytes(memory.read(address, min(64 * MiB, mib * MiB - address))))
+        memory.close()
+        paths.append(path)
+    return paths
+
+
+def create(machines: machine_pb2_grpc.MachineServiceStub, machine_id: str, path: Path) -> None:
+    machine = mpb.Machine(page_fusion_enabled=True, memory_source=mpb.MemorySource(
+        adapter="shm", options={"path": str(path)}))
+    machines.CreateMachine(mpb.CreateMachineRequest(machine_id=machine_id, machine=machine))
+
+
+def start_all(machines: machine_pb2_grpc.MachineServiceStub, ids: list[str]) -> float:
+    t = time.perf_counter()
+    for machine_id in ids:
+        machines.StartMachine(mpb.StartMachineRequest(name=f"machines/{machine_id}"), timeout=600)
+    return time.perf_counter() - t
+
+
+def cold_warm(paths: list[Path], repeats: int) -> list[tuple[float, float, float, float]]:
+    rows = []
+    for _ in range(repeats):
+        with run_server(allow_dir=SHM) as server, grpc.insecure_channel(server.address) as ch:
+            machines = machine_pb2_grpc.MachineServiceStub(ch)
+            ids = [f"g{i}" for i in range(len(paths))]
+            for machine_id, path in zip(ids, paths, strict=True):
+                create(machines, machine_id, path)
+            c0 = cpu_seconds(server.pid)
+            cold = start_all(machines, ids)
+            c1 = cpu_seconds(server.pid)
+            for machine_id in ids:
+                machines.StopMachine(mpb.StopMachineRequest(name=f"machines/{machine_id}"))
+            c2 = cpu_seconds(server.pid)
+            warm = start_all(machines, ids)
+            c3 = cpu_seconds(server.pid)
+            rows.append((cold, c1 - c0, warm, c3 - c2))
+    return rows
+
+
+async def rate(address: str, what: str, clients: int = 50, seconds: float = 3.0) -> float:
+    channel = grpc.aio.insecure_channel(address)
+    health = health_pb2_grpc.HealthStub(channel)
+    guest = guest_memory_pb2_grpc.GuestMemoryServiceStub(channel)
+    fusion = fusion_pb2_grpc.FusionServiceStub(channel)
+    calls = {
+        "health": lambda: health.Check(health_pb2.HealthCheckRequest()),
+        "GetPageInfo": lambda: guest.GetPageInfo(
+            guest_memory_pb2.GetPageInfoRequest(name="machines/g0", address=4096)),
+        "ReadGuestMemory": lambda: guest.ReadGuestMemory(
+            guest_memory_pb2.ReadGuestMemoryRequest(name="machines/g0", address=0, length=4096)),
+        "GetFusionStats": lambda: fusion.GetFusionStats(fpb.GetFusionStatsRequest()),
+    }
+    call = calls[what]
+    done = 0
+    end = time.perf_counter() + seconds
+
+    async def one() -> None:
+        nonlocal done
+        while time.perf_counter() < end:
+            await call()
+            done += 1
+
+    await call()
+    start = time.perf_counter()
+    await asyncio.gather(*(one() for _ in range(clients)))
+    elapsed = time.perf_counter() - start
+    await channel.close()
+    return done / elapsed
+
+
+def overhead(paths: list[Path], gib_running: int) -> list[tuple[str, float, float]]:
+    bare = subprocess.Popen([sys.executable, "-c", BARE_SERVER], stdout=subprocess.PIPE, text=True)
+    try:
+        assert bare.stdout is not None
+        bare_address = f"127.0.0.1:{bare.stdout.readline().strip()}"
+        with run_server(allow_dir=SHM) as server, grpc.insecure_channel(server.address) as ch:
+            machines = machine_pb2_grpc.MachineServiceStub(ch)
+            create(machines, "g0", paths[0])
+            start_all(machines, ["g0"])
+            for i in range(gib_running):
+                machine = mpb.Machine(
+                    os_type="Windows10_64", memory_size_bytes=GiB, page_fusion_enabled=True,
+                    memory_source=mpb.MemorySource(
+                        adapter="synthetic-windows", options={"seed": str(100 + i)}))
+                machines.CreateMachine(mpb.CreateMachineRequest(
+                    machine_id=f"big{i}", machine=machine))
+                start_all(machines, [f"big{i}"])
+            rows = []
+            for what in ("health", "GetPageInfo", "ReadGuestMemory", "GetFusionStats"):
+                base = asyncio.run(rate(bare_address, "health"))
+                ours = asyncio.run(rate(server.address, what))
+                rows.append((what, ours, base))
+            return rows
+    finally:
+        bare.terminate()
+        bare.wait()
+
+
+def growth(steps: list[int]) -> list[tuple[int, float, float]]:
+    rows = []
+    with run_server() as server, grpc.insecure_channel(server.address) as ch:
+        machines = machine_pb2_grpc.MachineServiceStub(ch)
+        fusion = fusion_pb2_grpc.FusionServiceStub(ch)
+        started = 0
+        for gib in steps:
+            t = time.perf_counter()
+            for i in range(started, gib):
+                machine = mpb.Machine(
+                    os_type="Windows10_64", memory_size_bytes=GiB, page_fusion_enabled=True,
+                    memory_source=mpb.MemorySource(
+                        adapter="synthetic-windows", options={"seed": str(i)}))
+                request = mpb.CreateMachineRequest(machine_id=f"n{i}", machine=machine)
+                machines.CreateMachine(request)
+                start_all(machines, [f"n{i}"])
+            per_gib = (time.perf_counter() - t) / (gib - started)
+            started = gib
+            times = []
+            for _ in range(100):
+                s = time.perf_counter()
+                fusion.GetFusionStats(fpb.GetFusionStatsRequest())
+                times.append(time.perf_counter() - s)
+            rows.append((gib, per_gib, statistics.median(times)))
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--guest-mib", type=int, default=256)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--overhead-gib", type=int, default=4,
+                        help="GiB of guests running while per-call overhead is measured")
+    parser.add_argument("--growth", default="1,2,4,8")
+    args = parser.parse_args()
+    paths = write_guests(args.guest_mib, 2)
+    try:
+        print(f"## Cold and warm: two guests of {args.guest_mib} MiB (shm), fresh server each\n")
+        print("| run | cold start | server CPU | warm start | server CPU | cold / warm |")
+        print("|---|---|---|---|---|---|")
+        for i, (cold, cold_cpu, warm, warm_cpu) in enumerate(cold_warm(paths, args.repeats)):
+            print(f"| {i + 1} | {cold:.3f} s | {cold_cpu:.2f} s | {warm:.3f} s | "
+                  f"{warm_cpu:.2f} s | {cold / warm:.2f} |")
+        print(f"\n## Per-call overhead, 50 clients, {args.overhead_gib} GiB of guests running\n")
+        print("| call | pagefusion calls/s | bare grpc.aio health calls/s | ratio |")
+        print("|---|---|---|---|")
+        for what, ours, base in overhead(paths, args.overhead_gib):
+            print(f"| {what} | {ours:,.0f} | {base:,.0f} | {ours / base:.2f} |")
+        steps = [int(s) for s in args.growth.split(",") if s]
+        print("\n## Growth: guests of 1 GiB started over gRPC\n")
+        print("| GiB running | seconds per GiB started | GetFusionStats p50 |")
+        print("|---|---|---|")
+        for gib, per_gib, p50 in growth(steps):
+            print(f"| {gib} | {per_gib:.2f} s | {p50 * 1e3:.2f} ms |")
+    finally:
+        for path in paths:
+            path.unlink(missing_ok=True)
+
+
+if __name__ == "__main__":
+    main()
