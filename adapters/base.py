@@ -128,6 +128,17 @@ class Adapter:
     #: Option names this adapter accepts, with a one-line description each.
     options: Mapping[str, str] = {}
 
+    def check_options(self, options: Mapping[str, str]) -> None:
+        """Optional: check option values without opening anything.
+
+        Called when a machine is defined or changed, after the option names
+        were checked against :attr:`options`; the source itself may not
+        exist yet. The default accepts any values.
+
+        Raises:
+            InvalidOptionError: a missing or malformed option (names it).
+        """
+
     def open(self, options: Mapping[str, str], context: AdapterContext) -> GuestMemory:
         """Validate ``options`` and open the source.
 

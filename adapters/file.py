@@ -390,9 +390,18 @@ class FileAdapter(Adapter):
                     "(default: from the machine type)",
     }
 
-    def open(self, options: Mapping[str, str], context: AdapterContext) -> GuestMemory:
-        if "path" not in options:
+    def check_options(self, options: Mapping[str, str]) -> None:
+        path = options.get("path", "")
+        if not path:
             raise InvalidOptionError("option 'path' is required", option="path")
+        if not os.path.isabs(path) or "\x00" in path:
+            raise InvalidOptionError(
+                "option 'path' must be an absolute path on the server", option="path"
+            )
+        _below_4g(options)
+
+    def open(self, options: Mapping[str, str], context: AdapterContext) -> GuestMemory:
+        self.check_options(options)
         below_4g = _below_4g(options)
         path = options["path"]
         fd = open_allowed(path, context.allowed_paths, "path")

@@ -1,9 +1,18 @@
-"""Finding adapters and opening a machine's memory source through them.
+"""The adapter gateway: the one place adapters are found, checked and opened.
 
 Adapters are discovered through the entry-point group ``pagefusion.adapters``;
 the built-in ones register through the same group in pyproject.toml. A
 plugin that fails to import or to instantiate is logged, naming its entry
-point, and skipped: one broken plugin never stops the server (pluggy's rule).
+point, and skipped: one broken plugin never stops the server (pluggy's rule),
+and a machine that names it is refused with the cause of the failure.
+
+:class:`AdapterGateway` owns everything between a ``memory_source`` and a
+usable :class:`GuestMemory`: lookup (an unknown or failed adapter), option
+checks (names, then the adapter's own value checks), opening (exceptions an
+adapter lets escape become AdapterErrors, never tracebacks), range
+validation, and closing what failed. The server checks a source with
+:meth:`AdapterGateway.check` when a machine is defined and opens it with
+:meth:`AdapterGateway.open` when it starts; the engine trusts what it gets.
 """
 
 from __future__ import annotations
@@ -25,13 +34,20 @@ from pagefusion.adapters.base import (
     SourcePermissionError,
 )
 from pagefusion.adapters.helpers import (
-    check_option_names,
     open_allowed,
     resolve_allowed,
     validate_ranges,
 )
 
-__all__ = ["ENTRY_POINT_GROUP", "load_adapters", "open_allowed", "open_source", "resolve_allowed"]
+__all__ = [
+    "ENTRY_POINT_GROUP",
+    "AdapterGateway",
+    "load_adapters",
+    "load_failures",
+    "open_allowed",
+    "open_source",
+    "resolve_allowed",
+]
 
 ENTRY_POINT_GROUP = "pagefusion.adapters"
 
@@ -45,6 +61,10 @@ _BUILTINS = {
 }
 
 log = structlog.get_logger(__name__)
+#: Entry point name -> why it failed to load, from the latest discovery.
+_FAILURES: dict[str, str] = {}
+#: Longest name or option quoted in a message (as the server's error messages).
+QUOTE_LIMIT = 128
 
 
 def _instantiate(name: str, target: object) -> Adapter:
@@ -65,6 +85,7 @@ def load_adapters() -> dict[str, Adapter]:
         that fails is logged (``adapter_load_failed``) and left out.
     """
     adapters: dict[str, Adapter] = {}
+    failures: dict[str, str] = {}
     try:
         found: list[EntryPoint] = list(entry_points(group=ENTRY_POINT_GROUP))
     except Exception as exc:  # broken metadata of some unrelated distribution
@@ -78,8 +99,9 @@ def load_adapters() -> dict[str, Adapter]:
         try:
             adapters[ep.name] = _instantiate(ep.name, ep.load())
         except Exception as exc:
+            failures[ep.name] = f"{type(exc).__name__}: {exc}"
             log.error("adapter_load_failed", entry_point=ep.name, value=ep.value,
-                      error=f"{type(exc).__name__}: {exc}")
+                      error=failures[ep.name])
     for name, value in _BUILTINS.items():
         if name in attempted:
             continue
@@ -87,9 +109,127 @@ def load_adapters() -> dict[str, Adapter]:
         try:
             adapters[name] = _instantiate(name, getattr(importlib.import_module(module), attr))
         except Exception as exc:
+            failures[name] = f"{type(exc).__name__}: {exc}"
             log.error("adapter_load_failed", entry_point=name, value=value,
-                      error=f"{type(exc).__name__}: {exc}")
+                      error=failures[name])
+    _FAILURES.clear()
+    _FAILURES.update({k: v for k, v in failures.items() if k not in adapters})
     return adapters
+
+
+def load_failures() -> dict[str, str]:
+    """Adapters the latest :func:`load_adapters` could not load, with the cause."""
+    return dict(_FAILURES)
+
+
+def quote(value: str, limit: int = QUOTE_LIMIT) -> str:
+    """``value`` as ``repr`` shows it, cut to ``limit`` characters with its length."""
+    if len(value) <= limit:
+        return repr(value)
+    return f"{value[:limit]!r}... ({len(value)} characters)"
+
+
+class AdapterGateway:
+    """Lookup, option checks, opening, range validation and load failures.
+
+    Args:
+        adapters: adapters by name; ``None`` discovers the installed ones.
+        failures: adapters that failed to load, name -> cause; default: what
+            the latest discovery found (:func:`load_failures`).
+    """
+
+    def __init__(
+        self,
+        adapters: Mapping[str, Adapter] | None = None,
+        failures: Mapping[str, str] | None = None,
+    ) -> None:
+        self.adapters: dict[str, Adapter] = dict(load_adapters() if adapters is None else adapters)
+        found = load_failures() if failures is None else failures
+        self.failures = {k: v for k, v in found.items() if k not in self.adapters}
+
+    def lookup(self, adapter_name: str) -> Adapter:
+        """The adapter called ``adapter_name``.
+
+        Raises:
+            InvalidOptionError: (option ``adapter``) none given, unknown, or
+                failed to load (with the cause).
+        """
+        if not adapter_name:
+            raise InvalidOptionError("required", option="adapter")
+        adapter = self.adapters.get(adapter_name)
+        if adapter is not None:
+            return adapter
+        cause = self.failures.get(adapter_name)
+        if cause is not None:
+            raise InvalidOptionError(
+                f"adapter {quote(adapter_name)} is installed but failed to load: {cause}",
+                option="adapter",
+            )
+        known = ", ".join(sorted(self.adapters)) or "none"
+        raise InvalidOptionError(
+            f"unknown adapter {quote(adapter_name)} (known adapters: {known})", option="adapter"
+        )
+
+    def check(self, adapter_name: str, options: Mapping[str, str]) -> Adapter:
+        """Check a memory source without opening it (a machine being defined).
+
+        Raises:
+            InvalidOptionError: unknown adapter or option, or a malformed value.
+        """
+        adapter = self.lookup(adapter_name)
+        for key in options:
+            if key not in adapter.options:
+                accepted = ", ".join(sorted(adapter.options)) or "none"
+                raise InvalidOptionError(
+                    f"adapter {quote(adapter_name)} has no option {quote(key)} "
+                    f"(accepted: {accepted})",
+                    option=key,
+                )
+        try:
+            adapter.check_options(options)
+        except AdapterError:
+            raise
+        except Exception as exc:
+            log.error("adapter_check_failed", adapter=adapter_name,
+                      error=f"{type(exc).__name__}: {exc}")
+            raise InvalidOptionError(
+                f"adapter {quote(adapter_name)} could not check its options: "
+                f"{type(exc).__name__}: {exc}"
+            ) from exc
+        return adapter
+
+    def open(
+        self, adapter_name: str, options: Mapping[str, str], context: AdapterContext
+    ) -> GuestMemory:
+        """Check and open a machine's memory source, and check what came back.
+
+        Raises:
+            AdapterError: a subclass naming the cause (and the option, when one
+                is at fault). Exceptions an adapter lets escape are wrapped so
+                a user never sees a traceback; a source whose ranges break the
+                interface's rules is closed and refused.
+        """
+        adapter = self.check(adapter_name, options)
+        try:
+            memory = adapter.open(options, context)
+        except AdapterError:
+            raise
+        except FileNotFoundError as exc:
+            raise SourceNotFoundError(f"adapter {adapter_name!r}: {exc}") from exc
+        except PermissionError as exc:
+            raise SourcePermissionError(f"adapter {adapter_name!r}: {exc}") from exc
+        except Exception as exc:
+            log.error("adapter_open_failed", adapter=adapter_name,
+                      error=f"{type(exc).__name__}: {exc}")
+            raise SourceError(
+                f"adapter {adapter_name!r} failed to open the source: {type(exc).__name__}: {exc}"
+            ) from exc
+        try:
+            validate_ranges(memory.ranges(), f"adapter {adapter_name!r}")
+        except BaseException:
+            memory.close()
+            raise
+        return memory
 
 
 def open_source(
@@ -98,7 +238,7 @@ def open_source(
     context: AdapterContext,
     adapters: Mapping[str, Adapter] | None = None,
 ) -> GuestMemory:
-    """Open a machine's memory source and check what the adapter returned.
+    """Open a machine's memory source through an :class:`AdapterGateway`.
 
     Args:
         adapter_name: ``memory_source.adapter``.
@@ -107,35 +247,8 @@ def open_source(
         adapters: loaded adapters; ``None`` loads them now.
 
     Raises:
-        AdapterError: a subclass naming the cause (and the option, when one
-            is at fault). Exceptions other adapters let escape are wrapped so
-            a user never sees a traceback.
+        AdapterError: see :meth:`AdapterGateway.open`.
     """
-    if adapters is None:
-        adapters = load_adapters()
-    adapter = adapters.get(adapter_name)
-    if adapter is None:
-        known = ", ".join(sorted(adapters)) or "none"
-        raise InvalidOptionError(
-            f"unknown adapter {adapter_name!r} (known adapters: {known})", option="adapter"
-        )
-    check_option_names(options, adapter.options, adapter_name)
-    try:
-        memory = adapter.open(options, context)
-    except AdapterError:
-        raise
-    except FileNotFoundError as exc:
-        raise SourceNotFoundError(f"adapter {adapter_name!r}: {exc}") from exc
-    except PermissionError as exc:
-        raise SourcePermissionError(f"adapter {adapter_name!r}: {exc}") from exc
-    except Exception as exc:
-        log.error("adapter_open_failed", adapter=adapter_name, error=f"{type(exc).__name__}: {exc}")
-        raise SourceError(
-            f"adapter {adapter_name!r} failed to open the source: {type(exc).__name__}: {exc}"
-        ) from exc
-    try:
-        validate_ranges(memory.ranges(), f"adapter {adapter_name!r}")
-    except BaseException:
-        memory.close()
-        raise
-    return memory
+    return AdapterGateway(adapters).open(adapter_name, options, context)
+
+

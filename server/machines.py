@@ -21,9 +21,9 @@ from google.protobuf import empty_pb2, field_mask_pb2
 from grpc import aio
 
 from pagefusion.adapters.base import Adapter, AdapterContext
-from pagefusion.adapters.registry import open_source
+from pagefusion.adapters.registry import AdapterGateway
 from pagefusion.server.engine import FusionEngine
-from pagefusion.server.errors import failed_precondition, invalid_argument, option_field, quote
+from pagefusion.server.errors import failed_precondition, invalid_argument, quote
 from pagefusion.server.inventory import Inventory
 from pagefusion.server.resources import (
     MACHINE_ID_RE,
@@ -73,12 +73,15 @@ class MachineServicer(machine_pb2_grpc.MachineServiceServicer):
         self,
         inventory: Inventory,
         engine: FusionEngine,
-        adapters: Mapping[str, Adapter],
+        adapters: Mapping[str, Adapter] | AdapterGateway,
         allowed_paths: tuple[Path, ...] = (),
     ) -> None:
         self._inventory = inventory
         self._engine = engine
-        self._adapters = adapters
+        # Every adapter lookup, option check and open goes through the gateway.
+        self._gateway = (
+            adapters if isinstance(adapters, AdapterGateway) else AdapterGateway(adapters)
+        )
         self._allowed_paths = allowed_paths
         self._transitions: set[asyncio.Task[None]] = set()
 
@@ -187,7 +190,7 @@ class MachineServicer(machine_pb2_grpc.MachineServiceServicer):
             memory_size_bytes=machine.memory_size_bytes,
             allowed_paths=self._allowed_paths,
         )
-        memory = open_source(source.adapter, dict(source.options), context, self._adapters)
+        memory = self._gateway.open(source.adapter, dict(source.options), context)
         self._engine.start_machine(
             machine_id,
             memory,
@@ -272,25 +275,7 @@ class MachineServicer(machine_pb2_grpc.MachineServiceServicer):
                 f"invalid fusion domain {quote(machine.fusion_domain)}: lowercase letters, digits "
                 "and '-', 1 to 63 characters, starting with a letter",
             )
-        adapter_name = machine.memory_source.adapter
-        if not adapter_name:
-            raise invalid_argument("machine.memory_source.adapter", "required")
-        adapter = self._adapters.get(adapter_name)
-        if adapter is None:
-            known = ", ".join(sorted(self._adapters)) or "none"
-            raise invalid_argument(
-                "machine.memory_source.adapter",
-                f"unknown adapter {quote(adapter_name)} (known adapters: {known})",
-            )
-        for option in machine.memory_source.options:
-            if option not in adapter.options:
-                accepted = ", ".join(sorted(adapter.options)) or "none"
-                raise invalid_argument(
-                    option_field(option),
-                    f"adapter {adapter_name!r} has no option {quote(option)} "
-                    f"(accepted: {accepted})",
-                    reason="INVALID_OPTION",
-                )
+        self._gateway.check(machine.memory_source.adapter, machine.memory_source.options)
 
 
 def _mask_paths(mask: field_mask_pb2.FieldMask) -> list[str]:

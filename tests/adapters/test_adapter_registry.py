@@ -138,3 +138,55 @@ def test_open_allowed_rejects_non_regular(tmp_path: Path) -> None:
     f.write_bytes(b"a")
     fd = open_allowed(str(f), [tmp_path], "path")
     os.close(fd)
+
+
+def test_gateway_names_a_failed_adapter_with_its_cause(monkeypatch: pytest.MonkeyPatch) -> None:
+    group = registry.ENTRY_POINT_GROUP
+    eps = [EntryPoint("broken-import", "no_such_module_xyz:Adapter", group),
+           EntryPoint("broken-init", f"{__name__}:_Broken", group),
+           EntryPoint("memory", "pagefusion.adapters.memory:MemoryAdapter", group)]
+    monkeypatch.setattr(registry, "entry_points", lambda group: eps)
+    monkeypatch.setattr(registry, "_FAILURES", {})  # restored after the test
+    gateway = registry.AdapterGateway()
+    assert "memory" in gateway.adapters
+    for name, cause in (("broken-import", "ModuleNotFoundError: No module named "
+                                          "'no_such_module_xyz'"),
+                        ("broken-init", "RuntimeError: plugin exploded")):
+        with pytest.raises(InvalidOptionError) as err:
+            gateway.check(name, {})
+        assert err.value.option == "adapter"
+        assert str(err.value) == f"adapter '{name}' is installed but failed to load: {cause}"
+        with pytest.raises(InvalidOptionError, match="failed to load"):
+            gateway.open(name, {}, CTX)
+    with pytest.raises(InvalidOptionError, match=r"unknown adapter 'nope' \(known adapters: "
+                                                 r"file, memory, shm"):
+        gateway.check("nope", {})
+    with pytest.raises(InvalidOptionError, match="required") as err:
+        gateway.check("", {})
+    assert err.value.option == "adapter"
+
+
+def test_gateway_checks_option_values_without_opening(tmp_path: Path) -> None:
+    gateway = registry.AdapterGateway()
+    missing = str(tmp_path / "not-there-yet")
+    assert gateway.check("file", {"path": missing}).name == "file"  # may be written later
+    for options, option in (({}, "path"), ({"path": "relative"}, "path"),
+                            ({"path": missing, "below_4g": "3G+1"}, "below_4g"),
+                            ({"path": missing, "colour": "red"}, "colour")):
+        with pytest.raises(InvalidOptionError) as err:
+            gateway.check("file", options)
+        assert err.value.option == option
+
+
+class _ExplodingCheck(Adapter):
+    name = "exploding"
+    options = {"x": "anything"}
+
+    def check_options(self, options):  # type: ignore[no-untyped-def]
+        raise ZeroDivisionError("bad plugin")
+
+
+def test_gateway_contains_a_check_that_raises() -> None:
+    gateway = registry.AdapterGateway({"exploding": _ExplodingCheck()}, failures={})
+    with pytest.raises(InvalidOptionError, match="ZeroDivisionError: bad plugin"):
+        gateway.check("exploding", {"x": "1"})
