@@ -60,26 +60,35 @@ async def _guard(
             if _cancelled(exc):
                 code = grpc.StatusCode.CANCELLED
                 raise
-            if isinstance(exc, NotImplementedError) and (
-                context.code() == grpc.StatusCode.UNIMPLEMENTED
-            ):  # the generated base class: a method this server does not serve
-                code = grpc.StatusCode.UNIMPLEMENTED
-                await context.abort(code, f"{method} is not implemented by this server")
-            status = to_status(exc, request if isinstance(request, Message) else None)
-            code = status.code
-            await context.abort(status.code, status.details, status.trailing_metadata)
+            code, message, trailers = _status_for(exc, method, context, request)
+            await context.abort(code, message, trailers)
         finally:
-            if not isinstance(code, grpc.StatusCode):  # context.code() may give an int
-                code = grpc.StatusCode.UNKNOWN
-            log_safely(
-                log,
-                40 if code is grpc.StatusCode.INTERNAL else 20,
-                "rpc",
-                method=method,
-                request_id=request_id,
-                code=code.name,
-                duration_ms=round((time.perf_counter() - start) * 1000, 3),
-            )
+            _log_rpc(method, request_id, code, start)
+
+
+def _status_for(
+    exc: BaseException, method: str, context: aio.ServicerContext, request: Any
+) -> tuple[grpc.StatusCode, str, Any]:
+    """The code, message and trailing metadata a call failing with ``exc`` ends with."""
+    if isinstance(exc, NotImplementedError) and context.code() == grpc.StatusCode.UNIMPLEMENTED:
+        # The generated base class: a method this server does not serve.
+        return grpc.StatusCode.UNIMPLEMENTED, f"{method} is not implemented by this server", ()
+    status = to_status(exc, request if isinstance(request, Message) else None)
+    return status.code, status.details, status.trailing_metadata
+
+
+def _log_rpc(method: str, request_id: str, code: Any, start: float) -> None:
+    if not isinstance(code, grpc.StatusCode):  # context.code() may give an int
+        code = grpc.StatusCode.UNKNOWN
+    log_safely(
+        log,
+        40 if code is grpc.StatusCode.INTERNAL else 20,
+        "rpc",
+        method=method,
+        request_id=request_id,
+        code=code.name,
+        duration_ms=round((time.perf_counter() - start) * 1000, 3),
+    )
 
 
 class ServerInterceptor(aio.ServerInterceptor):
@@ -99,9 +108,29 @@ class ServerInterceptor(aio.ServerInterceptor):
         if handler.unary_unary is not None:
             unary: Any = handler.unary_unary
 
+            # The hot path, without the context manager _guard uses for
+            # streams (a generator-based manager costs more than the call).
             async def unary_unary(request: Any, context: aio.ServicerContext) -> Any:
-                async with _guard(method, request_id, context, request):
-                    return await unary(request, context)
+                start = time.perf_counter()
+                code = grpc.StatusCode.OK
+                current_resource.set(None)
+                tokens = structlog.contextvars.bind_contextvars(request_id=request_id)
+                try:
+                    response = await unary(request, context)
+                    code = context.code() or grpc.StatusCode.OK
+                    return response
+                except aio.AbortError:
+                    code = context.code() or grpc.StatusCode.UNKNOWN
+                    raise
+                except BaseException as exc:
+                    if _cancelled(exc):
+                        code = grpc.StatusCode.CANCELLED
+                        raise
+                    code, message, trailers = _status_for(exc, method, context, request)
+                    await context.abort(code, message, trailers)
+                finally:
+                    structlog.contextvars.reset_contextvars(**tokens)
+                    _log_rpc(method, request_id, code, start)
 
             return grpc.unary_unary_rpc_method_handler(
                 unary_unary, handler.request_deserializer, handler.response_serializer
