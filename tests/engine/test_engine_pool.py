@@ -100,15 +100,20 @@ def _resident_bytes(pool: FramePool) -> int:
 
 def test_frames_populated_ahead_are_given_back_by_trim():
     pool = FramePool(64 * CHUNK_FRAMES, huge_pages=True)
+    # Deltas: the kernel may merge this mapping with a neighbour in smaps.
+    before = _resident_bytes(pool)
     if pool._prefaulter is None:  # kernels before 5.14: nothing is populated ahead
         pool.trim()
-        assert _resident_bytes(pool) == 0
+        assert _resident_bytes(pool) == before
+        pool.close()
         return
     pool.prefault(8 * CHUNK_FRAMES)
     pool._prefaulter.wait()
-    assert _resident_bytes(pool) >= 4 * CHUNK_FRAMES * 4096
+    assert _resident_bytes(pool) - before >= 4 * CHUNK_FRAMES * 4096
     pool.trim()
-    assert _resident_bytes(pool) <= CHUNK_FRAMES * 4096  # at most the chunk holding the mark
+    # At most the chunk holding the mark stays.
+    assert _resident_bytes(pool) - before <= CHUNK_FRAMES * 4096
+    pool.close()
 
 
 def test_without_huge_pages_nothing_is_populated_ahead():
