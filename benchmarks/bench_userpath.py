@@ -197,6 +197,61 @@ def growth(steps: list[int]) -> list[tuple[int, float, float]]:
     return rows
 
 
+def run(
+    guest_mib: int,
+    repeats: int,
+    overhead_gib: int,
+    growth_steps: list[int],
+    ksm: dict[str, tuple[float | None, float | None]] | None = None,
+) -> str:
+    """The three measurements as markdown; ``ksm``: label -> (t99, cpu) from the same run."""
+    md: list[str] = []
+    paths = write_guests(guest_mib, 2)
+    try:
+        rows = cold_warm(paths, repeats)
+        md.append(f"### Cold and warm: two {guest_mib} MiB synthetic Windows 10 guests "
+                  "(seeds 1, 2: section 1's bytes) as RAM files in /dev/shm, read through "
+                  "`shm`; a fresh `pagefusion-server` each run\n")
+        md.append("| run | first StartMachine of both (cold) | server CPU | again after "
+                  "StopMachine (warm) | server CPU | cold / warm |")
+        md.append("|---|---|---|---|---|---|")
+        for i, (cold, cold_cpu, warm, warm_cpu) in enumerate(rows):
+            md.append(f"| {i + 1} | {cold:.3f} s | {cold_cpu:.2f} s | {warm:.3f} s | "
+                      f"{warm_cpu:.2f} s | {cold / warm:.2f} |")
+        cold_med = statistics.median(r[0] for r in rows)
+        warm_med = statistics.median(r[2] for r in rows)
+        cpu_med = statistics.median(r[1] for r in rows)
+        md.append(f"\nMedian: cold {cold_med:.3f} s ({cpu_med:.2f} s server CPU), warm "
+                  f"{warm_med:.3f} s, cold / warm {cold_med / warm_med:.2f} (target <= 1.3).\n")
+        for label, (t99, cpu) in (ksm or {}).items():
+            if t99:
+                md.append(f"- against KSM {label} (section 1, same bytes, same run): KSM "
+                          f"{t99:.3f} s with {cpu or 0:.2f} s of ksmd CPU; cold pagefusion "
+                          f"is {t99 / cold_med:.1f}x faster")
+        over = overhead(paths, overhead_gib)
+        md.append(f"\n### Per-call overhead: 50 grpc.aio clients on loopback, {overhead_gib} GiB "
+                  "of guests running, against a bare grpc.aio server with only the health "
+                  "service (measured just before each row)\n")
+        md.append("| call | pagefusion calls/s | bare grpc.aio health calls/s | ratio |")
+        md.append("|---|---|---|---|")
+        for what, ours, base in over:
+            md.append(f"| {what} | {ours:,.0f} | {base:,.0f} | {ours / base:.2f} |")
+        grow = growth(growth_steps)
+        md.append("\n### Growth: synthetic Windows 10 guests of 1 GiB started over gRPC, one "
+                  "after another\n")
+        md.append("| GiB running | seconds per GiB started | GetFusionStats p50 |")
+        md.append("|---|---|---|")
+        for gib, per_gib, p50 in grow:
+            md.append(f"| {gib} | {per_gib:.2f} s | {p50 * 1e3:.2f} ms |")
+        per = [r[1] for r in grow]
+        md.append(f"\nSeconds per GiB: {min(per):.2f} to {max(per):.2f} "
+                  f"({max(per) / min(per) - 1:.0%} spread; target within 15%).")
+    finally:
+        for path in paths:
+            path.unlink(missing_ok=True)
+    return "\n".join(md) + "\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--guest-mib", type=int, default=256)
@@ -205,28 +260,8 @@ def main() -> None:
                         help="GiB of guests running while per-call overhead is measured")
     parser.add_argument("--growth", default="1,2,4,8")
     args = parser.parse_args()
-    paths = write_guests(args.guest_mib, 2)
-    try:
-        print(f"## Cold and warm: two guests of {args.guest_mib} MiB (shm), fresh server each\n")
-        print("| run | cold start | server CPU | warm start | server CPU | cold / warm |")
-        print("|---|---|---|---|---|---|")
-        for i, (cold, cold_cpu, warm, warm_cpu) in enumerate(cold_warm(paths, args.repeats)):
-            print(f"| {i + 1} | {cold:.3f} s | {cold_cpu:.2f} s | {warm:.3f} s | "
-                  f"{warm_cpu:.2f} s | {cold / warm:.2f} |")
-        print(f"\n## Per-call overhead, 50 clients, {args.overhead_gib} GiB of guests running\n")
-        print("| call | pagefusion calls/s | bare grpc.aio health calls/s | ratio |")
-        print("|---|---|---|---|")
-        for what, ours, base in overhead(paths, args.overhead_gib):
-            print(f"| {what} | {ours:,.0f} | {base:,.0f} | {ours / base:.2f} |")
-        steps = [int(s) for s in args.growth.split(",") if s]
-        print("\n## Growth: guests of 1 GiB started over gRPC\n")
-        print("| GiB running | seconds per GiB started | GetFusionStats p50 |")
-        print("|---|---|---|")
-        for gib, per_gib, p50 in growth(steps):
-            print(f"| {gib} | {per_gib:.2f} s | {p50 * 1e3:.2f} ms |")
-    finally:
-        for path in paths:
-            path.unlink(missing_ok=True)
+    steps = [int(x) for x in args.growth.split(",") if x]
+    print(run(args.guest_mib, args.repeats, args.overhead_gib, steps))
 
 
 if __name__ == "__main__":

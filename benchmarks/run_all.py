@@ -231,6 +231,7 @@ def section_ksm(
                 flush=True,
             )
             results.append(r)
+            KSM_SEEN[label] = (r.t99, r.cpu99)
             t99 = (
                 fmt(r.t99, 3)
                 if r.t99 is not None
@@ -880,6 +881,42 @@ def section_hints(cfg: Config, hints: dict[str, Any], plot: Plotter) -> str:
 # ---------------------------------------------------------------- main
 
 
+#: KSM's time to full savings and ksmd CPU per configuration, from section 1
+#: (section 0 quotes them: same bytes, same run).
+KSM_SEEN: dict[str, tuple[float | None, float | None]] = {}
+
+
+def section_userpath(cfg: Config, args: argparse.Namespace) -> str:
+    """Section 0: the user's path (issues 10 and 11), cold server over gRPC, first."""
+    import bench_stats
+    import bench_userpath
+
+    md = ["## 0. The user's path: a fresh server, over gRPC (issues 10 and 11)\n",
+          "Cold figures first: what a user sees on starting `pagefusion-server` and then "
+          "`StartMachine`. Warm figures (the same server again) second. "
+          "(`benchmarks/bench_userpath.py`, `benchmarks/bench_stats.py`.)\n"]
+    if args.no_rpc:
+        return "\n".join(md) + "\nNot measured: turned off with --no-rpc.\n"
+    print("[userpath] cold and warm starts, per-call overhead, growth", flush=True)
+    try:
+        mib = cfg.ksm_guests[0].size // MiB
+        ksm = {k: v for k, v in KSM_SEEN.items() if "30000" in k or "defaults" in k}
+        md.append(bench_userpath.run(
+            mib, 1 if cfg.quick else 3, 0 if cfg.quick else 8,
+            [1] if cfg.quick else [1, 2, 4, 8], ksm))
+    except Exception as exc:
+        traceback.print_exc()
+        md.append(f"Not measured: {type(exc).__name__}: {exc}\n")
+    print("[stats] GetFusionStats and VerifyFusion against guest memory", flush=True)
+    md.append("### GetFusionStats and VerifyFusion against guest memory (issue 10)\n")
+    try:
+        md.append(bench_stats.run(1, 2) if cfg.quick else bench_stats.run(2, 16))
+    except Exception as exc:
+        traceback.print_exc()
+        md.append(f"Not measured: {type(exc).__name__}: {exc}\n")
+    return "\n".join(md)
+
+
 def section_estimate(cfg: Config) -> str:
     """Section 7: ``pagefusion estimate`` against hashing alone, its memory, Dask 2 vs 1."""
     import bench_estimate
@@ -970,6 +1007,7 @@ def main(argv: list[str] | None = None) -> int:
     hints = bs.run_hints(cfg.hint_guests)
     sections.append(section_hints(cfg, hints, plot))
     sections.append(section_estimate(cfg))
+    sections.insert(0, section_userpath(cfg, args))  # measured last (after KSM), shown first
 
     elapsed = time.perf_counter() - t0
     kind = (
