@@ -362,8 +362,10 @@ def open_snapshot(fd: int, path: str, below_4g: int | None = None) -> GuestMemor
             raise _fail(path, "raw image larger than 1 TiB")
         return _extents(fd, path, mapping, view, [Segment(0, 0, size, size)], "raw")
     except BaseException:
-        view.release()
+        # A parser's arrays may still export the view (the traceback holds
+        # them): the mapping then goes when they do.
         with contextlib.suppress(BufferError):
+            view.release()
             mapping.close()
         raise
 

@@ -42,6 +42,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+from numpy.lib.stride_tricks import as_strided
 
 from pagefusion.adapters.base import PAGE_SIZE, MemoryRange
 from pagefusion.adapters.helpers import MAX_PHYS_ADDRESS, MAX_TOTAL_BYTES
@@ -78,6 +79,7 @@ class _Reader:
 
     def __init__(self, data: memoryview, pos: int) -> None:
         self.data = data
+        self.bytes = np.frombuffer(data, dtype=np.uint8)
         self.pos = pos
         self.size = len(data)
 
@@ -230,6 +232,7 @@ def _ram_chunk(r: _Reader, blocks: dict[str, _Block], last: list[_Block | None],
     """Pages up to the chunk's EOS; ``last`` carries the CONTINUE block across chunks."""
     data, size = r.data, r.size
     block = last[0]
+    previous, streak, batch = -1, 0, 64
     while True:
         at = r.pos
         if at + 8 > size:
@@ -237,6 +240,19 @@ def _ram_chunk(r: _Reader, blocks: dict[str, _Block], last: list[_Block | None],
         word = int.from_bytes(data[at : at + 8], "big")
         pos = at + 8
         flags = word & _FLAGS
+        if flags != previous:
+            previous, streak = flags, 0
+        streak += 1
+        if streak > 8 and block is not None and flags in (_ZERO_RUN, _PAGE_RUN):
+            # A long run of one kind: take it in batches that grow while it lasts.
+            after = _run(r, at, block, flags, batch)
+            if after > at:
+                full = after - at == batch * (_ZERO_RECORD.itemsize if flags == _ZERO_RUN
+                                               else _PAGE_RECORD)
+                batch = min(batch * 4, _RUN) if full else 64
+                r.pos = after
+                streak = 0
+                continue
         if flags & F_EOS:
             r.pos = pos
             last[0] = block
@@ -277,6 +293,46 @@ def _ram_chunk(r: _Reader, blocks: dict[str, _Block], last: list[_Block | None],
             block.pages[offset >> 12] = _ZERO - data[pos]
             pos += 1
         r.pos = pos
+
+
+_ZERO_RUN = F_ZERO | F_CONTINUE
+_PAGE_RUN = F_PAGE | F_CONTINUE
+_ZERO_RECORD = np.dtype([("word", ">u8"), ("fill", "u1")])
+_PAGE_RECORD = 8 + PAGE_SIZE
+_RUN = 1 << 16
+
+
+def _run(r: _Reader, at: int, block: _Block, flags: int, limit: int = _RUN) -> int:
+    """Index a run of same-kind CONTINUE records from ``at``; the offset after it.
+
+    Zero pages are 9-byte records and pages 4104-byte ones, so a run is a
+    strided array: numpy checks and indexes thousands at once. Records that
+    do not match (or lie past the block) end the run; the record-by-record
+    path then reads them and names any fault.
+    """
+    if flags == _ZERO_RUN:
+        count = min(limit, (r.size - at) // _ZERO_RECORD.itemsize)
+        records = np.frombuffer(r.data, dtype=_ZERO_RECORD, count=count, offset=at)
+        words = records["word"]
+        good = ((words & _FLAGS) == _ZERO_RUN) & (records["fill"] == 0)
+        stride = _ZERO_RECORD.itemsize
+    else:
+        count = min(limit, (r.size - at) // _PAGE_RECORD)
+        raw = as_strided(r.bytes[at:], shape=(count, 8), strides=(_PAGE_RECORD, 1))
+        words = raw.copy().view(">u8").ravel()
+        good = (words & _FLAGS) == _PAGE_RUN
+        stride = _PAGE_RECORD
+    offsets = words & ~np.uint64(_FLAGS)
+    good &= offsets < block.size
+    n = count if good.all() else int(np.argmin(good))
+    if n < 2:
+        return at
+    pages = (offsets[:n] >> np.uint64(12)).astype(np.int64)
+    if flags == _ZERO_RUN:
+        block.pages[pages] = _ZERO
+    else:
+        block.pages[pages] = at + 8 + stride * np.arange(n, dtype=np.int64)
+    return at + stride * n
 
 
 def _check_end(data: memoryview, after: int, path: str) -> None:

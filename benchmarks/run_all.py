@@ -931,6 +931,19 @@ def section_estimate(cfg: Config) -> str:
     return "## 7. `pagefusion estimate` (issue 14)\n\n" + body
 
 
+def section_formats(cfg: Config) -> str:
+    """Section 8: each snapshot format's read and start throughput against a raw image."""
+    import bench_formats
+
+    print("[formats] snapshot formats against a raw image", flush=True)
+    try:
+        body = bench_formats.run(64 if cfg.quick else 1024)
+    except Exception as exc:
+        traceback.print_exc()
+        body = f"Not measured: {type(exc).__name__}: {exc}\n"
+    return "## 8. Snapshot formats of the `file` adapter (issue 13)\n\n" + body
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -1008,6 +1021,7 @@ def main(argv: list[str] | None = None) -> int:
     sections.append(section_hints(cfg, hints, plot))
     sections.append(section_estimate(cfg))
     sections.insert(0, section_userpath(cfg, args))  # measured last (after KSM), shown first
+    sections.append(section_formats(cfg))
 
     elapsed = time.perf_counter() - t0
     kind = (
