@@ -43,15 +43,7 @@ import numpy as np
 
 from pagefusion.adapters.base import PAGE_SIZE, MemoryRange
 from pagefusion.adapters.helpers import MAX_PHYS_ADDRESS, MAX_TOTAL_BYTES
-from pagefusion.adapters.paged import (
-    POPCOUNT,
-    RAW,
-    Special,
-    codec,
-    fail,
-    rank_table,
-    runs_of_bits,
-)
+from pagefusion.adapters.paged import RAW, BitmapRank, Special, codec, fail, runs_of_bits
 
 __all__ = ["FLAT_MAGIC", "KDUMP_MAGIC", "KdumpTable", "parse_kdump"]
 
@@ -61,7 +53,6 @@ _FLAT_HEADER = 4096
 _HEADER = 464
 _SUB_HEADER = 104
 DESC = np.dtype([("offset", "<i8"), ("size", "<u4"), ("flags", "<u4"), ("page_flags", "<u8")])
-_RANK_FRAMES = 4096
 _CHECK_CHUNK = 1 << 20
 _MAX_FRAMES = MAX_PHYS_ADDRESS // PAGE_SIZE
 
@@ -161,28 +152,21 @@ class _Flat:
 class KdumpTable:
     """Bitmaps and descriptors of one kdump-compressed core."""
 
-    def __init__(self, vf: _Plain | _Flat, ranges: Sequence[MemoryRange], dumped: np.ndarray,
-                 ranks: np.ndarray, desc_offset: int, zero_offset: int) -> None:
+    def __init__(self, vf: _Plain | _Flat, ranges: Sequence[MemoryRange], dumped: BitmapRank,
+                 desc_offset: int, zero_offset: int) -> None:
         self.ranges = tuple(ranges)
         self.flattened = vf.flattened
         self._vf = vf
         self._dumped = dumped
-        self._ranks = ranks
         self._desc_offset = desc_offset
         self._zero_offset = zero_offset
 
     def locate(self, index: int, first: int, count: int) -> tuple[np.ndarray, list[Special]]:
         lo = self.ranges[index].address // PAGE_SIZE + first
         offsets = np.full(count, -1, dtype=np.int64)
-        byte0 = lo // 8
-        bits = np.unpackbits(self._dumped[byte0 : (lo + count + 7) // 8], bitorder="little")
-        present = np.flatnonzero(bits[lo % 8 : lo % 8 + count])
+        present, rank = self._dumped.stored(lo, count)
         if len(present) == 0:
             return offsets, []
-        block = lo // _RANK_FRAMES
-        rank = int(self._ranks[block])
-        rank += int(POPCOUNT[self._dumped[block * (_RANK_FRAMES // 8) : byte0]].sum(dtype=np.int64))
-        rank += int(bits[: lo % 8].sum())
         raw = self._vf.read(self._desc_offset + rank * DESC.itemsize, len(present) * DESC.itemsize)
         desc = np.frombuffer(raw, dtype=DESC)
         stored = desc["offset"]
@@ -277,15 +261,14 @@ def parse_kdump(data: memoryview, path: str) -> KdumpTable:
         raise fail(path, "kdump memory bitmap is empty (no guest memory)")
     if sum(r.size for r in ranges) > MAX_TOTAL_BYTES:
         raise fail(path, "kdump memory bitmap marks more than 1 TiB of guest memory")
-    per_rank = _RANK_FRAMES // 8
-    ranks = rank_table(dumped, per_rank)
-    total = int(ranks[-1])
+    rank = BitmapRank(dumped)
+    total = rank.total
     desc_end = desc_at + total * DESC.itemsize
     if desc_end > vf.size or total * DESC.itemsize > len(data):
         raise fail(path, f"truncated kdump: {total} page descriptors need bytes up to "
                          f"{desc_end:#x}, the dump ends at {vf.size:#x}")
     zero_offset = _check_descriptors(vf, desc_at, total, path)
-    return KdumpTable(vf, ranges, dumped, ranks, desc_at, zero_offset)
+    return KdumpTable(vf, ranges, rank, desc_at, zero_offset)
 
 
 def _check_descriptors(vf: _Plain | _Flat, desc_at: int, total: int, path: str) -> int:

@@ -50,13 +50,13 @@ __all__ = [
     "CODECS",
     "FILL",
     "RAW",
+    "BitmapRank",
     "Codec",
     "PageTable",
     "PagedFileMemory",
     "Special",
     "codec",
     "fail",
-    "rank_table",
     "runs_of_bits",
 ]
 
@@ -201,12 +201,41 @@ def codec(flag: int, path: str, where: str) -> Codec:
     return found
 
 
-def rank_table(bitmap: np.ndarray, per: int) -> np.ndarray:
-    """Set bits before each block of ``per`` bitmap bytes (one more entry: the total)."""
-    padded = np.zeros(-(-len(bitmap) // per) * per, dtype=np.uint8)
-    padded[: len(bitmap)] = bitmap
-    sums = POPCOUNT[padded].reshape(-1, per).sum(axis=1, dtype=np.int64)
-    return np.concatenate(([0], np.cumsum(sums)))
+#: Frames per entry of a :class:`BitmapRank`.
+RANK_FRAMES = 4096
+
+
+class BitmapRank:
+    """A bitmap of stored frames (bit i = frame i, least significant first) and
+    the number of set bits before every 4096 frames: a frame's rank is the
+    index of its stored page among all stored pages, found in O(span)."""
+
+    def __init__(self, bitmap: np.ndarray) -> None:
+        per = RANK_FRAMES // 8
+        padded = np.zeros(-(-len(bitmap) // per) * per, dtype=np.uint8)
+        padded[: len(bitmap)] = bitmap
+        sums = POPCOUNT[padded].reshape(-1, per).sum(axis=1, dtype=np.int64)
+        self.bitmap = bitmap
+        self.ranks = np.concatenate(([0], np.cumsum(sums)))
+
+    @property
+    def total(self) -> int:
+        """Set bits in the whole bitmap."""
+        return int(self.ranks[-1])
+
+    def stored(self, lo: int, count: int) -> tuple[np.ndarray, int]:
+        """Indices (from ``lo``) of the stored frames among ``lo .. lo + count``,
+        and the rank of the first of them."""
+        byte0 = lo // 8
+        bits = np.unpackbits(self.bitmap[byte0 : (lo + count + 7) // 8], bitorder="little")
+        present = np.flatnonzero(bits[lo % 8 : lo % 8 + count])
+        if len(present) == 0:
+            return present, 0
+        block = lo // RANK_FRAMES
+        rank = int(self.ranks[block])
+        rank += int(POPCOUNT[self.bitmap[block * (RANK_FRAMES // 8) : byte0]].sum(dtype=np.int64))
+        rank += int(bits[: lo % 8].sum())
+        return present, rank
 
 
 def runs_of_bits(bits: np.ndarray) -> list[tuple[int, int]]:

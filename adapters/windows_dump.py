@@ -32,7 +32,7 @@ import numpy as np
 
 from pagefusion.adapters.base import PAGE_SIZE, MemoryRange
 from pagefusion.adapters.helpers import MAX_PHYS_ADDRESS, MAX_TOTAL_BYTES
-from pagefusion.adapters.paged import POPCOUNT, Special, fail, rank_table
+from pagefusion.adapters.paged import POPCOUNT, BitmapRank, Special, fail
 
 __all__ = ["BitmapDumpTable", "Run", "parse_windows_dump"]
 
@@ -43,7 +43,6 @@ MAX_RUNS32 = (700 - 8) // 8
 DUMP_FULL = 1
 _BITMAP_TYPES = {2: "kernel (summary)", 5: "full bitmap", 6: "kernel bitmap", 7: "automatic"}
 _OTHER_TYPES = {3: "header-only", 4: "triage (mini)"}
-_RANK_FRAMES = 4096
 
 
 class Run:
@@ -62,23 +61,13 @@ class BitmapDumpTable:
 
     def __init__(self, ranges: list[MemoryRange], bitmap: np.ndarray, first_page: int) -> None:
         self.ranges = tuple(ranges)
-        self._bitmap = bitmap
+        self._present = BitmapRank(bitmap)
         self._first = first_page
-        self._ranks = rank_table(bitmap, _RANK_FRAMES // 8)
 
     def locate(self, index: int, first: int, count: int) -> tuple[np.ndarray, list[Special]]:
         lo = self.ranges[index].address // PAGE_SIZE + first
         offsets = np.full(count, -1, dtype=np.int64)
-        byte0 = lo // 8
-        bits = np.unpackbits(self._bitmap[byte0 : (lo + count + 7) // 8], bitorder="little")
-        window = bits[lo % 8 : lo % 8 + count]
-        present = np.flatnonzero(window)
-        if len(present) == 0:
-            return offsets, []
-        block = lo // _RANK_FRAMES
-        rank = int(self._ranks[block])
-        rank += int(POPCOUNT[self._bitmap[block * (_RANK_FRAMES // 8) : byte0]].sum(dtype=np.int64))
-        rank += int(bits[: lo % 8].sum())
+        present, rank = self._present.stored(lo, count)
         offsets[present] = self._first + (rank + np.arange(len(present))) * PAGE_SIZE
         return offsets, []
 
