@@ -38,25 +38,30 @@ class Qemu:
              "-qmp", f"unix:{sock},server=on,wait=off"],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
         )
-        deadline = time.monotonic() + 30
-        while not sock.exists():
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                err = self.proc.stderr.read().decode() if self.proc.stderr else ""
-                pytest.skip(f"QEMU did not start: {err.strip()[:200]}")
-            time.sleep(0.05)
-        self.sock = socket.socket(socket.AF_UNIX)
-        self.sock.settimeout(120)  # a wedged QEMU fails the test instead of hanging it
-        while True:  # the socket file appears a moment before QEMU listens on it
-            try:
-                self.sock.connect(str(sock))
-                break
-            except ConnectionRefusedError:
+        try:  # a QEMU that never answers is killed, not left running
+            deadline = time.monotonic() + 30
+            while not sock.exists():
                 if self.proc.poll() is not None or time.monotonic() > deadline:
-                    raise
+                    err = self.proc.stderr.read().decode() if self.proc.stderr else ""
+                    pytest.skip(f"QEMU did not start: {err.strip()[:200]}")
                 time.sleep(0.05)
-        self.io = self.sock.makefile("rw")
-        self.io.readline()
-        self.command("qmp_capabilities")
+            self.sock = socket.socket(socket.AF_UNIX)
+            self.sock.settimeout(120)  # a wedged QEMU fails the test instead of hanging it
+            while True:  # the socket file appears a moment before QEMU listens on it
+                try:
+                    self.sock.connect(str(sock))
+                    break
+                except ConnectionRefusedError:
+                    if self.proc.poll() is not None or time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.05)
+            self.io = self.sock.makefile("rw")
+            self.io.readline()
+            self.command("qmp_capabilities")
+        except BaseException:
+            self.proc.kill()
+            self.proc.wait()
+            raise
 
     def command(self, name: str, **arguments: object) -> object:
         self.io.write(json.dumps({"execute": name, "arguments": arguments}) + "\n")
@@ -90,12 +95,14 @@ def guest(tmp_path: Path, size: int) -> Iterator[tuple[Qemu, Path]]:
     if free_shm < size + 512 * MiB or free_tmp < 2 * size:
         pytest.skip("not enough space for the guest's RAM and core")
     ram = SHM / f"pagefusion-test-{uuid.uuid4().hex[:8]}"
-    qemu = Qemu(ram, size, tmp_path / "qmp.sock")
     try:
-        time.sleep(1.5)  # let SeaBIOS write its tables into RAM
-        yield qemu, ram
+        qemu = Qemu(ram, size, tmp_path / "qmp.sock")
+        try:
+            time.sleep(1.5)  # let SeaBIOS write its tables into RAM
+            yield qemu, ram
+        finally:
+            qemu.close()
     finally:
-        qemu.close()
         ram.unlink(missing_ok=True)
 
 
