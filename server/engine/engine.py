@@ -387,8 +387,9 @@ class FusionEngine:
             for r, offset in zip(ranges, machine.offsets, strict=True):
                 for first in range(0, r.pages, BATCH_PAGES):
                     n = min(BATCH_PAGES, r.pages - first)
-                    with self._lock:
-                        self._pool.prefault(PREFAULT_BATCHES * n)
+                    with self._lock:  # at most what this machine's other pages may need
+                        left = machine.pages - offset - first
+                        self._pool.prefault(min(PREFAULT_BATCHES * n, left))
                     data = self._read_source(machine, r.address + first * PAGE_SIZE, n)
                     with self._lock:
                         self._ingest(machine, offset + first, data)
@@ -765,11 +766,12 @@ class FusionEngine:
                 # The common case, one page: no numpy on the way (copy on write p50).
                 page = machine.index_of(address)
                 if page >= 0:
-                    frame = int(machine.map[page])
-                    if frame == 0 or self._frames.refcount[frame] >= 2:
-                        # It may need a new frame: a refusal must come before
-                        # the write reaches a live source.
-                        self._frames.require_room(1)
+                    pool = self._pool
+                    if pool.used >= pool.max_frames:  # full: only a page needing no frame
+                        frame = int(machine.map[page])
+                        if frame == 0 or self._frames.refcount[frame] >= 2:
+                            # A refusal must come before the write reaches a live source.
+                            self._frames.require_room(1)
                     machine.writes += 1
                     if machine.live:
                         self._write_through(machine, address, data)
@@ -816,15 +818,15 @@ class FusionEngine:
         arena = self._arena
         frame = int(machine.map[page])
         zeros = (chunk if isinstance(chunk, bytes) else bytes(chunk)).count(0) == len(chunk)
-        machine.mark_volatile(page)
+        if machine.stable is not None:
+            machine.mark_volatile(page)
         if frame == 0:
             if zeros:
                 return 0
-            new = table.allocate_one()
+            new = table.allocate_private(machine.slot)
             start = new * PAGE_SIZE
             arena[start : start + PAGE_SIZE] = _ZERO_PAGE
             arena[start + lo : start + lo + len(chunk)] = chunk
-            table.attach_one(machine.slot, new)
             machine.map[page] = new
             return 0
         start = frame * PAGE_SIZE
@@ -839,11 +841,10 @@ class FusionEngine:
                 self._to_zero(machine, page, frame)
             return 0
         # SHARED: the writer gets its own copy; the other users keep the frame.
-        new = table.allocate_one()
+        new = table.allocate_private(machine.slot)
         dest = new * PAGE_SIZE
         arena[dest : dest + PAGE_SIZE] = arena[start : start + PAGE_SIZE]
         arena[dest + lo : dest + lo + len(chunk)] = chunk
-        table.attach_one(machine.slot, new)
         machine.map[page] = new
         table.detach_one(machine.slot, frame)
         if zeros and not self._pool.words[new].any():

@@ -71,8 +71,10 @@ class FrameTable:
         self.overflow: dict[int, int] = {}
         self.frames_shared = 0
         # Per machine slot: its pages on frames with one user / two or more.
-        self.private = np.zeros(8, dtype=np.int64)
-        self.shared = np.zeros(8, dtype=np.int64)
+        # Python lists: the write path changes one entry at a time, and a
+        # list's += costs a fraction of a numpy element's.
+        self.private: list[int] = [0] * 8
+        self.shared: list[int] = [0] * 8
         self.domains: dict[int, str] = {}  # slot -> fusion domain of its machine
         self._free_slots: list[int] = []
         self._next_slot = 1
@@ -90,8 +92,7 @@ class FrameTable:
             + self.owner.nbytes
             + self.indexed.nbytes
             + self.hinted.nbytes
-            + self.private.nbytes
-            + self.shared.nbytes
+            + 16 * len(self.private)
         )
 
     def ref(self, frame: int) -> int:
@@ -129,9 +130,9 @@ class FrameTable:
         self.domains[slot] = domain
         self._next_slot += 1
         if slot >= len(self.private):
-            grown = 2 * len(self.private)
-            self.private = np.concatenate((self.private, np.zeros(grown // 2, np.int64)))
-            self.shared = np.concatenate((self.shared, np.zeros(grown // 2, np.int64)))
+            more = len(self.private)
+            self.private += [0] * more
+            self.shared += [0] * more
         return slot
 
     def remove_machine(self, slot: int) -> None:
@@ -152,12 +153,6 @@ class FrameTable:
         frames = self.pool.alloc(n)
         self._fit()
         return frames
-
-    def allocate_one(self) -> int:
-        frame = self.pool.alloc_one()
-        if frame >= len(self.refcount):
-            self._fit()
-        return frame
 
     def require_room(self, n: int) -> None:
         """Raise unless ``n`` more frames fit the budget; nothing changes either way.
@@ -186,9 +181,7 @@ class FrameTable:
         joined = np.flatnonzero(before == 1)
         if len(joined):
             users = self.owner[frames[joined]]
-            moved = np.bincount(users, minlength=len(self.private))
-            self.private -= moved
-            self.shared += moved
+            self._move(users, private_to_shared=True)
         self.frames_shared += int(np.count_nonzero(sharing & (before < 2)))
         self._set_refs(frames, after)
         odd = frames[(counts & 1) == 1]
@@ -221,9 +214,7 @@ class FrameTable:
         # Frames down to one user: that user's page is PRIVATE again.
         alone = np.flatnonzero(was_shared & (after == 1))
         if len(alone):
-            moved = np.bincount(self.owner[uniq[alone]], minlength=len(self.private))
-            self.shared -= moved
-            self.private += moved
+            self._move(self.owner[uniq[alone]], private_to_shared=False)
         self.frames_shared -= int(np.count_nonzero(was_shared & (after < 2)))
         self._set_refs(uniq, after)
         self._free(uniq[after == 0], self.domains[slot])
@@ -236,23 +227,28 @@ class FrameTable:
         self.attach(slot, uniq, counts)
         self.detach(slot, old)
 
-    def attach_one(self, slot: int, frame: int) -> None:
-        """One more page of machine ``slot`` uses ``frame`` (the write path's fast case)."""
-        before = self.ref(frame)
-        if before == 0:
-            self.private[slot] += 1
-        else:
-            self.shared[slot] += 1
-            if before == 1:
-                user = int(self.owner[frame])
-                self.private[user] -= 1
-                self.shared[user] += 1
-                self.frames_shared += 1
-        self._set_ref(frame, before + 1)
-        self.owner[frame] ^= slot
+    def allocate_private(self, slot: int) -> int:
+        """A fresh frame that one page of machine ``slot`` uses (copy on write's case).
+
+        Raises:
+            ResourceExhaustedError: the pool's budget would be exceeded.
+        """
+        frame = self.pool.alloc_one()
+        if frame >= len(self.refcount):
+            self._fit()
+        self.refcount[frame] = 1
+        self.owner[frame] = slot
+        self.private[slot] += 1
+        return frame
 
     def detach_one(self, slot: int, frame: int) -> None:
         """One page of machine ``slot`` stops using ``frame``; freed when unused."""
+        stored = int(self.refcount[frame])
+        if 2 < stored < SATURATED:  # the common case: it stays shared
+            self.refcount[frame] = stored - 1
+            self.owner[frame] ^= slot
+            self.shared[slot] -= 1
+            return
         before = self.ref(frame)
         if before <= 0:
             raise AssertionError(f"frame {frame} has no user to detach")  # engine bug
@@ -271,6 +267,14 @@ class FrameTable:
         self._set_ref(frame, before - 1)
 
     # -- internals ----------------------------------------------------------
+
+    def _move(self, users: np.ndarray, *, private_to_shared: bool) -> None:
+        """One page of each machine in ``users`` (repeats allowed) changes state."""
+        slots, counts = np.unique(users, return_counts=True)
+        sign = 1 if private_to_shared else -1
+        for slot, count in zip(slots.tolist(), counts.tolist(), strict=True):
+            self.private[slot] -= sign * count
+            self.shared[slot] += sign * count
 
     def _free(self, frames: np.ndarray, domain: str) -> None:
         if not len(frames):

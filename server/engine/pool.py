@@ -35,6 +35,11 @@ from pagefusion.server.engine.errors import ResourceExhaustedError
 from pagefusion.server.engine.types import PAGE_SIZE
 
 CHUNK_FRAMES = 512  # 2 MiB: one transparent huge page
+#: Fresh frames kept populated beyond the high-water mark, so copy on write
+#: does not take a page fault per new frame (8 MiB of RSS). The helper thread
+#: is asked for more with half of it left: at least 1,024 frames of lead, more
+#: than a tight loop of writes uses before the thread gets the GIL (5 ms).
+RESERVE_FRAMES = 4 * CHUNK_FRAMES
 #: Users one frame may have (VirtualBox's shared-page refcount is 16-bit):
 #: past it, a new frame starts for the same content.
 MAX_REFCOUNT = 0xFFFF
@@ -96,13 +101,14 @@ class FramePool:
         """
         Args:
             max_frames: the budget, in frames.
-            huge_pages: advise the arena as transparent huge pages and
-                populate fresh frames ahead of need on a helper thread.
-                Off by default: measured on this project's 2-core VMs, a
-                fresh process's first touch of huge pages cost about 1 s of
+            huge_pages: advise the arena as transparent huge pages. Off by
+                default: measured on this project's 2-core VMs, a fresh
+                process's first touch of huge pages cost about 1 s of
                 system time per 256 MiB of frames (a first start 2 to 5
                 times slower than the next), while 4 KiB pages made a first
-                start as fast as a warm one.
+                start as fast as a warm one. Either way a helper thread
+                populates fresh frames ahead of need (ingest asks for what
+                a start may use; copy on write finds RESERVE_FRAMES ready).
         """
         if max_frames < 1:
             raise ValueError("the pool needs room for at least one frame")
@@ -125,7 +131,7 @@ class FramePool:
         self.frames = raw[self._offset : self._offset + self._reserved_frames * PAGE_SIZE].reshape(
             -1, PAGE_SIZE
         )
-        self._prefaulter = _Prefaulter.start(self.frames.ctypes.data) if huge_pages else None
+        self._prefaulter = _Prefaulter.start(self.frames.ctypes.data)
         self._populated = 1  # frames below this are populated or handed out
         self.words = self.frames.view(np.uint64)
         self._capacity = CHUNK_FRAMES  # frames the per-frame arrays must cover
@@ -246,6 +252,8 @@ class FramePool:
                 frame = self._hwm  # no numpy on the way: copy on write latency
                 self._hwm += 1
                 self._chunk_held[frame // CHUNK_FRAMES] = True
+                if self._hwm + RESERVE_FRAMES // 2 > self._populated:
+                    self.prefault(RESERVE_FRAMES)  # the next chunk, on the helper thread
             else:
                 return int(self.alloc(1)[0])
             self._chunk_used[frame // CHUNK_FRAMES] += 1
@@ -340,15 +348,17 @@ class FramePool:
             self._populated = end
 
     def trim(self) -> None:
-        """Give back frames populated ahead of need that no ingest is using.
+        """Give back frames populated ahead of need, but a small reserve.
 
         Called when an ingest ends and when a machine stops: what prefault()
         populated beyond the high-water mark would otherwise stay resident.
+        The chunks up to RESERVE_FRAMES past the mark stay, for copy on write.
         """
-        if self._prefaulter is None or self._populated <= self._hwm:
+        keep = -(-(self._hwm + RESERVE_FRAMES) // CHUNK_FRAMES) * CHUNK_FRAMES
+        if self._prefaulter is None or self._populated <= keep:
             return
         self._prefaulter.wait()
-        start = -(-self._hwm // CHUNK_FRAMES) * CHUNK_FRAMES
+        start = keep
         if self._populated > start:
             with contextlib.suppress(OSError):
                 self._mm.madvise(
@@ -356,7 +366,7 @@ class FramePool:
                     self._offset + start * PAGE_SIZE,
                     (self._populated - start) * PAGE_SIZE,
                 )
-        self._populated = self._hwm
+        self._populated = start
 
     def close(self) -> None:
         if self._prefaulter is not None:

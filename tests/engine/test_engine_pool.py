@@ -1,7 +1,7 @@
 import pytest
 
 from pagefusion.server.engine.errors import ResourceExhaustedError
-from pagefusion.server.engine.pool import CHUNK_FRAMES, FramePool
+from pagefusion.server.engine.pool import CHUNK_FRAMES, RESERVE_FRAMES, FramePool
 
 
 def test_frame_zero_is_never_handed_out():
@@ -99,7 +99,7 @@ def _resident_bytes(pool: FramePool) -> int:
 
 
 def test_frames_populated_ahead_are_given_back_by_trim():
-    pool = FramePool(64 * CHUNK_FRAMES, huge_pages=True)
+    pool = FramePool(64 * CHUNK_FRAMES)
     # Deltas: the kernel may merge this mapping with a neighbour in smaps.
     before = _resident_bytes(pool)
     if pool._prefaulter is None:  # kernels before 5.14: nothing is populated ahead
@@ -111,19 +111,22 @@ def test_frames_populated_ahead_are_given_back_by_trim():
     pool._prefaulter.wait()
     assert _resident_bytes(pool) - before >= 4 * CHUNK_FRAMES * 4096
     pool.trim()
-    # At most the chunk holding the mark stays.
-    assert _resident_bytes(pool) - before <= CHUNK_FRAMES * 4096
+    # What stays: the reserve for copy on write, the chunks up to RESERVE_FRAMES past the mark.
+    assert _resident_bytes(pool) - before <= (RESERVE_FRAMES + CHUNK_FRAMES) * 4096
     pool.close()
 
 
-def test_without_huge_pages_nothing_is_populated_ahead():
-    pool = FramePool(64 * CHUNK_FRAMES)  # the default
-    # Deltas: the kernel may merge this mapping with a neighbour in smaps.
-    before = _resident_bytes(pool)
-    pool.prefault(8 * CHUNK_FRAMES)
-    assert _resident_bytes(pool) == before
-    frames = pool.alloc(CHUNK_FRAMES)
-    pool.frames[frames] = 1
-    grown = _resident_bytes(pool) - before
-    assert CHUNK_FRAMES * 4096 <= grown <= 2 * CHUNK_FRAMES * 4096  # touched frames only
+def test_copy_on_write_frames_come_populated_from_the_reserve():
+    pool = FramePool(64 * CHUNK_FRAMES)
+    if pool._prefaulter is None:
+        pool.close()
+        return
+    first = pool.alloc_one()  # the first fresh frame asks for the reserve
+    pool._prefaulter.wait()
+    assert first == 1
+    assert pool._populated >= RESERVE_FRAMES  # the next frames are resident already
+    for _ in range(2 * CHUNK_FRAMES):
+        pool.alloc_one()
+    pool._prefaulter.wait()
+    assert pool._populated >= pool.high_water_mark + RESERVE_FRAMES // 2
     pool.close()
