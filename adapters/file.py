@@ -50,19 +50,17 @@ from pagefusion.adapters.base import (
     InvalidOptionError,
     InvalidSourceError,
     MemoryRange,
-    SourceError,
 )
 from pagefusion.adapters.helpers import (
     MAX_PHYS_ADDRESS,
     MAX_TOTAL_BYTES,
-    RangeLookup,
     open_allowed,
     page_round_up,
     parse_size,
 )
 from pagefusion.adapters.kdump import FLAT_MAGIC, KDUMP_MAGIC, parse_kdump
 from pagefusion.adapters.lime import LIME_MAGIC, parse_lime
-from pagefusion.adapters.paged import PagedFileMemory, PageTable
+from pagefusion.adapters.paged import MappedSnapshot, PagedFileMemory, PageTable
 from pagefusion.adapters.qemu_stream import (
     LIBVIRT_MAGIC,
     LIBVIRT_PARTIAL,
@@ -244,36 +242,18 @@ def _group(segments: Sequence[Segment]) -> list[tuple[MemoryRange, tuple[Segment
     return [(MemoryRange(start, end - start), tuple(segs)) for start, end, segs in groups]
 
 
-class FileGuestMemory(GuestMemory):
+class FileGuestMemory(MappedSnapshot):
     """A snapshot file mapped read-only whose memory lies in contiguous segments."""
-
-    live = False
 
     def __init__(
         self, fd: int, path: str, mapping: mmap.mmap, segments: Sequence[Segment], fmt: str
     ) -> None:
-        self.path = path
-        self.format = fmt
-        self._fd = fd
-        self._size = len(mapping)
-        self._map = mapping
-        self._view = memoryview(mapping)
         grouped = _group(sorted(segments, key=lambda seg: seg.paddr))
-        self._ranges = tuple(r for r, _ in grouped)
+        super().__init__(fd, path, mapping, memoryview(mapping), [r for r, _ in grouped], fmt)
         self._segments = [segs for _, segs in grouped]
-        self._lookup = RangeLookup(self._ranges)
-        self._closed = False
-
-    def ranges(self) -> Sequence[MemoryRange]:
-        return self._ranges
 
     def read(self, address: int, length: int) -> memoryview | bytes:
-        if self._closed:
-            raise SourceError(f"{self.path}: source is closed")
-        i = self._lookup.find(address, length)
-        # A file cut short under a mapping raises SIGBUS on access: look first.
-        if os.fstat(self._fd).st_size < self._size:
-            raise SourceError(f"{self.path}: the file shrank while in use")
+        i = self._range_of(address, length)
         end = address + length
         segs = self._segments[i]
         if len(segs) == 1:
@@ -289,16 +269,6 @@ class FileGuestMemory(GuestMemory):
                 src = seg.offset + lo - seg.paddr
                 out[lo - address : hi - address] = self._view[src : src + hi - lo]
         return memoryview(out)
-
-    def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        self._view.release()
-        # A caller may still hold a view; the mapping then goes when it does.
-        with contextlib.suppress(BufferError):
-            self._map.close()
-        os.close(self._fd)
 
 
 def _below_4g(options: Mapping[str, str]) -> int | None:

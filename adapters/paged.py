@@ -277,39 +277,73 @@ def copy_pages(src: np.ndarray, offsets: np.ndarray, out: np.ndarray) -> None:
         out[idx[k]] = src[start : start + PAGE_SIZE]
 
 
-class PagedFileMemory(GuestMemory):
-    """A snapshot file read through a :class:`PageTable` over its mapping."""
+class MappedSnapshot(GuestMemory):
+    """A snapshot file mapped read-only: its descriptor, mapping and ranges.
+
+    Owns what every file-backed reader shares: the checks each read makes
+    first, and giving the mapping and the descriptor back on close.
+    """
 
     live = False
 
     def __init__(
-        self, fd: int, path: str, mapping: mmap.mmap, view: memoryview, table: PageTable,
-        fmt: str,
+        self, fd: int, path: str, mapping: mmap.mmap, view: memoryview,
+        ranges: Sequence[MemoryRange], fmt: str,
     ) -> None:
-        """Take over ``fd``, ``mapping`` and ``view`` (the one ``table`` reads through)."""
+        """Take over ``fd``, ``mapping`` and ``view``."""
         self.path = path
         self.format = fmt
         self._fd = fd
         self._map = mapping
         self._size = len(mapping)
-        self._src = np.frombuffer(mapping, dtype=np.uint8)
         self._view = view
-        self._table = table
-        self._ranges = tuple(table.ranges)
+        self._ranges = tuple(ranges)
         self._lookup = RangeLookup(self._ranges)
-        self._scratch: np.ndarray | None = None
         self._closed = False
 
     def ranges(self) -> Sequence[MemoryRange]:
         return self._ranges
 
-    def read(self, address: int, length: int) -> memoryview | bytes:
+    def _range_of(self, address: int, length: int) -> int:
+        """Index of the range a read falls in, after the checks every read makes."""
         if self._closed:
             raise SourceError(f"{self.path}: source is closed")
         i = self._lookup.find(address, length)
         # A file cut short under a mapping raises SIGBUS on access: look first.
         if os.fstat(self._fd).st_size < self._size:
             raise SourceError(f"{self.path}: the file shrank while in use")
+        return i
+
+    def _release(self) -> None:
+        """Drop what a subclass holds on the mapping (called once, before it goes)."""
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._release()
+        self._view.release()
+        # A caller may still hold a view; the mapping then goes when it does.
+        with contextlib.suppress(BufferError):
+            self._map.close()
+        os.close(self._fd)
+
+
+class PagedFileMemory(MappedSnapshot):
+    """A snapshot file read through a :class:`PageTable` over its mapping."""
+
+    def __init__(
+        self, fd: int, path: str, mapping: mmap.mmap, view: memoryview, table: PageTable,
+        fmt: str,
+    ) -> None:
+        """Take over ``fd``, ``mapping`` and ``view`` (the one ``table`` reads through)."""
+        super().__init__(fd, path, mapping, view, table.ranges, fmt)
+        self._src = np.frombuffer(mapping, dtype=np.uint8)
+        self._table = table
+        self._scratch: np.ndarray | None = None
+
+    def read(self, address: int, length: int) -> memoryview | bytes:
+        i = self._range_of(address, length)
         count = length // PAGE_SIZE
         first = (address - self._ranges[i].address) // PAGE_SIZE
         offsets, specials = self._table.locate(i, first, count)
@@ -348,15 +382,7 @@ class PagedFileMemory(GuestMemory):
     def idle(self) -> None:
         self._scratch = None
 
-    def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
+    def _release(self) -> None:
         self._scratch = None
         self._table = None  # type: ignore[assignment]
-        self._view.release()
         del self._src
-        # A caller may still hold a view; the mapping then goes when it does.
-        with contextlib.suppress(BufferError):
-            self._map.close()
-        os.close(self._fd)

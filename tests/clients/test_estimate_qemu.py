@@ -8,13 +8,9 @@ machines must be what a real server shows once they run.
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "adapters"))
-
 from estimate_support import estimate_host, machine, server_figures, start_all, write_spec
 from qemu_support import QEMU, SHM, MiB, guest, migrate_to_file
 

@@ -38,6 +38,15 @@ HIGH = 0xFFFC0000
 NAMES = ["vm-a", "vm-b", "vm-c", "vm-d"]
 
 
+def _model_settings(*, examples: int, steps: int) -> settings:
+    return settings(
+        max_examples=examples,
+        stateful_step_count=steps,
+        deadline=None,
+        suppress_health_check=[HealthCheck.too_slow],
+    )
+
+
 class EngineModel(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
@@ -264,12 +273,7 @@ class EngineModel(RuleBasedStateMachine):
 
 
 TestEngineModel = EngineModel.TestCase
-TestEngineModel.settings = settings(
-    max_examples=150,
-    stateful_step_count=30,
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow],
-)
+TestEngineModel.settings = _model_settings(examples=150, steps=30)
 
 
 class HintedEngineModel(EngineModel):
@@ -301,12 +305,7 @@ class HintedEngineModel(EngineModel):
 
 
 TestHintedEngineModel = HintedEngineModel.TestCase
-TestHintedEngineModel.settings = settings(
-    max_examples=100,
-    stateful_step_count=30,
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow],
-)
+TestHintedEngineModel.settings = _model_settings(examples=100, steps=30)
 
 
 class CappedEngineModel(EngineModel):
@@ -339,9 +338,4 @@ class CappedEngineModel(EngineModel):
 
 
 TestCappedEngineModel = CappedEngineModel.TestCase
-TestCappedEngineModel.settings = settings(
-    max_examples=60,
-    stateful_step_count=25,
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow],
-)
+TestCappedEngineModel.settings = _model_settings(examples=60, steps=25)

@@ -11,13 +11,9 @@ equal the RAM file; VerifyFusion must find nothing.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import json
 import os
 import shutil
-import socket
-import subprocess
 import time
 import uuid
 from collections.abc import Iterator
@@ -26,18 +22,16 @@ from pathlib import Path
 import grpc
 import pytest
 from google.protobuf import field_mask_pb2
+from qemu_support import QEMU, SHM, MiB, Qemu
 
 from pagefusion.clients.testing import run_server
 from pagefusion.v1 import fusion_pb2 as fpb
 from pagefusion.v1 import fusion_pb2_grpc, guest_memory_pb2, guest_memory_pb2_grpc, machine_pb2_grpc
 from pagefusion.v1 import machine_pb2 as mpb
 
-QEMU = shutil.which("qemu-system-x86_64")
 pytestmark = pytest.mark.skipif(QEMU is None, reason="qemu-system-x86_64 is not installed")
-MiB = 1 << 20
 PAGE = 4096
 SIZE = 256 * MiB
-SHM = Path("/dev/shm")
 SCAN_SECONDS = 6.0
 STABLE = 1
 
@@ -47,66 +41,31 @@ def _kernel() -> Path | None:
     return kernels[-1] if kernels else None
 
 
-class Guest:
-    """A QEMU guest with its RAM in a shared file and a QMP socket."""
-
-    def __init__(self, ram: Path, qmp: Path) -> None:
-        assert QEMU is not None
-        args = [QEMU, "-machine", "pc,memory-backend=mem", "-m", f"{SIZE // MiB}M",
-                "-object", f"memory-backend-file,id=mem,size={SIZE // MiB}M,mem-path={ram},"
-                "share=on", "-display", "none", "-nodefaults", "-serial", "none",
-                "-accel", "tcg", "-qmp", f"unix:{qmp},server=on,wait=off"]
-        kernel = _kernel()
-        if kernel is not None:  # boots, writes its memory, then panics (no root): fine
-            args += ["-kernel", str(kernel), "-append", "console=ttyS0 panic=0 quiet"]
-        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        deadline = time.monotonic() + 30
-        while not qmp.exists() or not ram.exists():
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                err = self.proc.stderr.read().decode() if self.proc.stderr else ""
-                pytest.skip(f"QEMU did not start: {err.strip()[:200]}")
-            time.sleep(0.02)
-        self.sock = socket.socket(socket.AF_UNIX)
-        self.sock.settimeout(120)
-        self.sock.connect(str(qmp))
-        self.io = self.sock.makefile("rw")
-        self.io.readline()
-        self.command("qmp_capabilities")
-
-    def command(self, name: str) -> object:
-        self.io.write(json.dumps({"execute": name}) + "\n")
-        self.io.flush()
-        while True:
-            reply = json.loads(self.io.readline())
-            if "error" in reply:
-                raise RuntimeError(reply["error"])
-            if "return" in reply:
-                return reply["return"]
-
-    def close(self) -> None:
-        with contextlib.suppress(OSError, RuntimeError, ValueError):
-            self.command("quit")
-        self.sock.close()
-        try:
-            self.proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+def _boot_args() -> list[str]:
+    """A kernel boots, writes its memory, then panics (no root): fine. Else SeaBIOS."""
+    kernel = _kernel()
+    return ["-kernel", str(kernel), "-append", "console=ttyS0 panic=0 quiet"] if kernel else []
 
 
 @pytest.fixture
-def guests(tmp_path: Path) -> Iterator[list[tuple[Guest, Path]]]:
+def guests(tmp_path: Path) -> Iterator[list[tuple[Qemu, Path]]]:
     if shutil.disk_usage(SHM).free < 2 * SIZE + 256 * MiB:
         pytest.skip("not enough space in /dev/shm for two guests' RAM")
-    made: list[tuple[Guest, Path]] = []
+    made: list[tuple[Qemu, Path]] = []
+    rams: list[Path] = []
     try:
         for i in range(2):
             ram = SHM / f"pagefusion-live-{uuid.uuid4().hex[:8]}"
-            made.append((Guest(ram, tmp_path / f"qmp-{i}.sock"), ram))
+            rams.append(ram)
+            made.append((Qemu(ram, SIZE, tmp_path / f"qmp-{i}.sock", _boot_args()), ram))
+            deadline = time.monotonic() + 30
+            while not ram.exists() and time.monotonic() < deadline:
+                time.sleep(0.02)
         yield made
     finally:
-        for guest, ram in made:
+        for guest, _ram in made:
             guest.close()
+        for ram in rams:
             ram.unlink(missing_ok=True)
 
 

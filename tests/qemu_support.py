@@ -1,8 +1,9 @@
-"""A real QEMU guest for adapter tests (used through conftest's ``qemu_guest``).
+"""A real QEMU guest for tests (the adapter tests use it through ``qemu_guest``).
 
-A guest runs SeaBIOS (no disk needed) with its RAM in a shared memory file
-in /dev/shm and a QMP socket; tests pause it and have QEMU write its memory
-in every format QEMU writes.
+A guest runs SeaBIOS (no disk needed; or a kernel, through ``extra_args``)
+with its RAM in a shared memory file in /dev/shm and a QMP socket; tests
+pause it and have QEMU write its memory in every format QEMU writes, or
+scan it while it runs.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import socket
 import subprocess
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -29,13 +30,15 @@ SHM = Path("/dev/shm")
 class Qemu:
     """One QEMU process with a QMP connection."""
 
-    def __init__(self, ram: Path, size: int, sock: Path) -> None:
+    def __init__(
+        self, ram: Path, size: int, sock: Path, extra_args: Sequence[str] = ()
+    ) -> None:
         assert QEMU is not None
         self.proc = subprocess.Popen(
             [QEMU, "-machine", "pc,memory-backend=mem", "-m", f"{size // MiB}M",
              "-object", f"memory-backend-file,id=mem,size={size // MiB}M,mem-path={ram},share=on",
              "-display", "none", "-nodefaults", "-serial", "none", "-accel", "tcg",
-             "-qmp", f"unix:{sock},server=on,wait=off"],
+             "-qmp", f"unix:{sock},server=on,wait=off", *extra_args],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
         )
         try:  # a QEMU that never answers is killed, not left running
