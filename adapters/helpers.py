@@ -8,11 +8,15 @@ the user as INVALID_ARGUMENT naming the option.
 from __future__ import annotations
 
 import bisect
+import contextlib
+import mmap
 import os
 import re
 import stat
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+
+import numpy as np
 
 from pagefusion.adapters.base import (
     PAGE_SIZE,
@@ -35,6 +39,20 @@ _SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 def page_round_up(n: int) -> int:
     """``n`` rounded up to a multiple of PAGE_SIZE."""
     return -(-n // PAGE_SIZE) * PAGE_SIZE
+
+
+def read_buffer(nbytes: int) -> np.ndarray:
+    """A reusable uint8 buffer for the kernel to read into (``os.preadv``).
+
+    Backed by 4 KiB pages: numpy advises large arrays as transparent huge
+    pages, and measured on this project's VMs a read into a huge-page buffer
+    ran at a third of the speed (0.18 s against 0.057 s per 256 MiB read from
+    /dev/shm). The mapping is private and anonymous, and goes with the array.
+    """
+    mapping = mmap.mmap(-1, max(nbytes, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    with contextlib.suppress(AttributeError, OSError):  # not every kernel knows the advice
+        mapping.madvise(mmap.MADV_NOHUGEPAGE)
+    return np.frombuffer(mapping, dtype=np.uint8)[:nbytes]
 
 
 def check_option_names(options: Mapping[str, str], known: Mapping[str, str], adapter: str) -> None:

@@ -47,6 +47,7 @@ from pagefusion.adapters.helpers import (
     page_round_up,
     parse_bool,
     parse_size,
+    read_buffer,
 )
 
 __all__ = ["SHM_DIR", "ShmAdapter", "ShmGuestMemory"]
@@ -135,7 +136,7 @@ class ShmGuestMemory(GuestMemory):
         if self._view is not None and end <= self._size:
             return self._view[offset:end]
         if self._buffer.size < length:
-            self._buffer = np.empty(length, dtype=np.uint8)
+            self._buffer = read_buffer(length)
         out = memoryview(self._buffer[:length].data)
         want = min(end, self._size) - offset  # the ragged tail past the end reads as zeros
         done = 0

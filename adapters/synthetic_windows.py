@@ -165,8 +165,10 @@ def _fill(rows: np.ndarray, kind: int, key: int, pages: np.ndarray) -> None:
     if kind == DUPLICATE:
         pages = _page_hashes(key, pages) % np.uint64(_DUPLICATE_SET)
     h = _page_hashes(key, pages)
+    # mode="clip": the indices are in range by construction, and the default
+    # mode buffers the whole output in a temporary (fresh memory, page faults).
     np.take(_pool(_POOL_OF_KIND[kind]), (h >> np.uint64(40)) % np.uint64(_POOL_PAGES), axis=0,
-            out=rows)
+            out=rows, mode="clip")
     words = rows.view(np.uint64)
     n = np.arange(len(h))
     words[n, (h % np.uint64(_WORDS)).astype(np.intp)] = h

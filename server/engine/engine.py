@@ -111,7 +111,12 @@ from pagefusion.server.engine.errors import (
 from pagefusion.server.engine.frames import FrameTable
 from pagefusion.server.engine.index import FusionIndex
 from pagefusion.server.engine.modules import ModuleRegistry, module_key, region_pages
-from pagefusion.server.engine.pool import MAX_REFCOUNT, FramePool, host_memory_bytes
+from pagefusion.server.engine.pool import (
+    CHUNK_FRAMES,
+    MAX_REFCOUNT,
+    FramePool,
+    host_memory_bytes,
+)
 from pagefusion.server.engine.types import (
     PAGE_SIZE,
     FusionConfig,
@@ -284,6 +289,7 @@ class FusionEngine:
         self._config = replace(config) if config is not None else FusionConfig()
         self._validate_config(self._config)
         self._machines: dict[str, _Machine] = {}
+        self._running_ids: frozenset[str] = frozenset()
         self._indexes: dict[str, FusionIndex] = {}
         self._full_scans = 0
         self._scan_cursor: tuple[str, int] = ("", 0)
@@ -317,8 +323,9 @@ class FusionEngine:
 
     @property
     def config(self) -> FusionConfig:
-        with self._lock:
-            return replace(self._config)
+        # Without the lock: set_config replaces the object, never changes it,
+        # and the background scanner reads this on the event loop.
+        return replace(self._config)
 
     def set_config(self, config: FusionConfig) -> FusionConfig:
         """Replace the fusion settings; returns the new settings."""
@@ -384,20 +391,28 @@ class FusionEngine:
             memory.close()
             raise
         try:
+            fresh = -1  # new frames the last batch took (unknown before the first)
             for r, offset in zip(ranges, machine.offsets, strict=True):
                 for first in range(0, r.pages, BATCH_PAGES):
                     n = min(BATCH_PAGES, r.pages - first)
-                    with self._lock:  # at most what this machine's other pages may need
+                    with self._lock:
+                        # Ahead by what batches like the last one take, and at
+                        # most what this machine's other pages may need: every
+                        # frame populated and not taken is work thrown away.
                         left = machine.pages - offset - first
-                        self._pool.prefault(min(PREFAULT_BATCHES * n, left))
+                        guess = n if fresh < 0 else max(fresh, CHUNK_FRAMES)
+                        self._pool.prefault(min(PREFAULT_BATCHES * guess, left))
                     data = self._read_source(machine, r.address + first * PAGE_SIZE, n)
                     with self._lock:
+                        before = self._pool.used
                         self._ingest(machine, offset + first, data)
+                        fresh = self._pool.used - before
                     if progress is not None:
                         progress(machine.ingested, machine.pages)
             _idle(memory)
             with self._lock:
                 machine.running = True
+                self._publish_running()
                 return self._machine_stats(machine)
         except BaseException:
             with self._lock:
@@ -418,13 +433,17 @@ class FusionEngine:
             machine.memory.close()
 
     def is_running(self, machine_id: str) -> bool:
-        with self._lock:
-            m = self._machines.get(machine_id)
-            return m is not None and m.running
+        return machine_id in self._running_ids
 
     def running_machines(self) -> list[str]:
-        with self._lock:
-            return sorted(k for k, m in self._machines.items() if m.running)
+        # Without the lock (see _publish_running): the metrics sampler and
+        # the background scanner ask this from the event loop while a start
+        # holds the lock for a batch.
+        return sorted(self._running_ids)
+
+    def _publish_running(self) -> None:
+        """Replace the lock-free set of running ids (under the lock, after a change)."""
+        self._running_ids = frozenset(k for k, m in self._machines.items() if m.running)
 
     def modules(self, machine_id: str) -> Sequence[GuestModule]:
         """The modules the machine's source reports (a guest agent's view)."""
@@ -471,6 +490,12 @@ class FusionEngine:
         if self._machines.get(machine.machine_id) is not machine:
             return
         self._modules.drop_machine(machine.machine_id)
+        if not any(
+            m.domain == machine.domain for m in self._machines.values() if m is not machine
+        ):
+            # The domain's last machine: its index goes whole, so the frames
+            # freed below need not be hashed again to find their entries.
+            self._indexes.pop(machine.domain, None)
         frames = machine.map[: machine.ingested]
         self._frames.detach(machine.slot, frames[frames != 0])
         self._frames.remove_machine(machine.slot)
@@ -478,15 +503,12 @@ class FusionEngine:
         machine.ingested = 0
         machine.running = False
         del self._machines[machine.machine_id]
+        self._publish_running()
         # Its frames' entries are stale now: lookups that meet stale entries
-        # take the slow path, so apply the removals at once (or drop the
-        # index with the domain's last machine).
+        # take the slow path, so apply the removals at once.
         index = self._indexes.get(machine.domain)
         if index is not None:
-            if any(m.domain == machine.domain for m in self._machines.values()):
-                index.flush()
-            else:
-                del self._indexes[machine.domain]
+            index.flush()
 
     # -- ingest -------------------------------------------------------------
 
@@ -566,12 +588,12 @@ class FusionEngine:
         step = len(a)
         for start in range(0, n, step):
             k = min(step, n - start)
-            np.take(left, left_rows[start : start + k], axis=0, out=a[:k])
+            np.take(left, left_rows[start : start + k], axis=0, out=a[:k], mode="clip")
             if right_rows is None:
                 other = right[start : start + k]
             else:
                 other = b[:k]
-                np.take(right, right_rows[start : start + k], axis=0, out=other)
+                np.take(right, right_rows[start : start + k], axis=0, out=other, mode="clip")
             np.not_equal(a[:k], other, out=diff[:k])
             np.logical_not(diff[:k].any(axis=1), out=out[start : start + k])
         return out
@@ -709,20 +731,34 @@ class FusionEngine:
         """Copy pages ``rows`` of ``data`` into ``frames``, once, straight into the pool."""
         if not len(frames):
             return
+        # No temporary the size of the copy: fresh memory for it each batch
+        # would cost a page fault per 4 KiB, more than the copy itself. (That
+        # is also why every take here says mode="clip": the default mode
+        # buffers its whole output; the rows are in range by construction.)
+        target = self._pool.frames
         first = int(frames[0])
         if int(frames[-1]) - first + 1 == len(frames) and (
             len(frames) == 1 or bool(np.all(np.diff(frames.astype(np.int64)) == 1))
         ):
-            np.take(data, rows, axis=0, out=self._pool.frames[first : first + len(frames)])
-        else:
-            self._pool.frames[frames] = data[rows]
+            np.take(data, rows, axis=0, out=target[first : first + len(frames)], mode="clip")
+            return
+        staging = self._scratch[0].view(np.uint8)  # reused frames: through cache-sized scratch
+        step = len(staging)
+        for start in range(0, len(frames), step):
+            k = min(step, len(frames) - start)
+            np.take(data, rows[start : start + k], axis=0, out=staging[:k], mode="clip")
+            target[frames[start : start + k]] = staging[:k]
 
     # -- frames leaving -----------------------------------------------------
 
     def _forget_frames(self, frames: np.ndarray, domain: str) -> None:
         """The frame table is about to free ``frames``: drop them from the index and hints."""
         table = self._frames
-        self._unindex(frames[table.indexed.get(frames)], domain)
+        indexed = frames[table.indexed.get(frames)]
+        if domain in self._indexes:
+            self._unindex(indexed, domain)
+        else:  # the domain's index was dropped whole (its last machine stopped)
+            table.indexed.clear(indexed)
         self._modules.forget_frames(domain, frames[table.hinted.get(frames)])
 
     def _unindex(self, frames: np.ndarray, domain: str) -> None:

@@ -144,6 +144,9 @@ class FramePool:
         self._chunk_used = np.zeros(1, dtype=np.int16)
         self._chunk_held = np.zeros(1, dtype=bool)
         self._released: list[int] = []
+        # Released chunks submitted for populating since the last trim (they
+        # are taken again first); trim gives back those still not taken.
+        self._warm: set[int] = set()
 
     # -- figures ------------------------------------------------------------
 
@@ -329,15 +332,34 @@ class FramePool:
     # -- first touch ----------------------------------------------------------
 
     def prefault(self, frames: int) -> None:
-        """Have the next ``frames`` never-used frames populated in the background.
+        """Have the next ``frames`` frames alloc() hands out populated in the background.
 
         First touch of fresh anonymous memory costs the kernel more than
         hashing costs us; a helper thread asks for it ahead of time
         (MADV_POPULATE_WRITE, without the GIL) while ingest hashes, so the
-        copy into new frames finds them resident. At most ``frames`` frames
-        beyond the high-water mark are populated and not yet used.
+        copy into new frames finds them resident. Frames come from the free
+        stack (resident already), then from chunks given back (taken again
+        in the order alloc takes them), then from the high-water mark, of
+        which at most ``frames`` frames beyond the mark are populated and
+        not yet used.
         """
         if self._prefaulter is None:
+            return
+        frames -= self._nfree
+        runs: list[list[int]] = []
+        for chunk in reversed(self._released):  # alloc pops from the end
+            if frames <= 0:
+                break
+            frames -= CHUNK_FRAMES
+            if chunk in self._warm:
+                continue
+            self._warm.add(chunk)
+            if runs and runs[-1][0] == chunk + 1:
+                runs[-1][0] = chunk
+            else:
+                runs.append([chunk, chunk + 1])
+        self._submit_chunks(runs)
+        if frames <= 0:
             return
         start = max(self._populated, self._hwm)
         end = min(self._hwm + frames, self._reserved_frames)
@@ -347,15 +369,36 @@ class FramePool:
             self._prefaulter.submit(start * PAGE_SIZE, (end - start) * PAGE_SIZE)
             self._populated = end
 
+    def _submit_chunks(self, runs: list[list[int]]) -> None:
+        assert self._prefaulter is not None
+        for first, end in runs:
+            self._prefaulter.submit(
+                first * CHUNK_FRAMES * PAGE_SIZE, (end - first) * CHUNK_FRAMES * PAGE_SIZE
+            )
+
     def trim(self) -> None:
         """Give back frames populated ahead of need, but a small reserve.
 
         Called when an ingest ends and when a machine stops: what prefault()
-        populated beyond the high-water mark would otherwise stay resident.
-        The chunks up to RESERVE_FRAMES past the mark stay, for copy on write.
+        populated beyond the high-water mark, or in given-back chunks that
+        were not taken after all, would otherwise stay resident. The chunks
+        up to RESERVE_FRAMES past the mark stay, for copy on write.
         """
+        if self._prefaulter is None:
+            return
+        if self._warm:
+            self._prefaulter.wait()
+            for chunk in self._warm:
+                if not self._chunk_held[chunk]:
+                    with contextlib.suppress(OSError):
+                        self._mm.madvise(
+                            mmap.MADV_DONTNEED,
+                            self._offset + chunk * CHUNK_FRAMES * PAGE_SIZE,
+                            CHUNK_FRAMES * PAGE_SIZE,
+                        )
+            self._warm.clear()
         keep = -(-(self._hwm + RESERVE_FRAMES) // CHUNK_FRAMES) * CHUNK_FRAMES
-        if self._prefaulter is None or self._populated <= keep:
+        if self._populated <= keep:
             return
         self._prefaulter.wait()
         start = keep

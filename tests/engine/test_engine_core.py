@@ -539,3 +539,56 @@ def test_huge_pages_are_an_option_with_the_same_figures():
         assert e.verify().consistent
         e.close()
     assert figures[0] == figures[1] == (5, 595, 1)
+
+
+def test_config_and_running_machines_answer_while_a_batch_holds_the_engine():
+    # The background scanner and the metrics sampler ask these from the event
+    # loop; a start holds the engine's lock for a whole batch.
+    e = engine()
+    e.start_machine("a", FakeMemory([(0, image(page(1)))]), page_fusion=True)
+    held, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with e._lock:
+            held.set()
+            release.wait()
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    held.wait()
+    answers: list[object] = []
+    asker = threading.Thread(
+        target=lambda: answers.extend([e.config, e.running_machines(), e.is_running("a")])
+    )
+    asker.start()
+    asker.join(timeout=30)
+    finished = not asker.is_alive()
+    release.set()
+    holder.join()
+    asker.join()
+    assert finished, "config/running_machines waited for the engine's lock"
+    assert answers[1:] == [["a"], True]
+    e.stop_machine("a")
+    assert e.running_machines() == [] and not e.is_running("a")
+
+
+def test_the_last_machine_of_a_domain_stops_without_hashing_its_frames(monkeypatch):
+    e = engine()
+    e.start_machine("a", FakeMemory([(0, image(page(1), page(2), page(2)))]), page_fusion=True)
+    e.start_machine(
+        "b", FakeMemory([(0, image(page(1)))]), page_fusion=True, fusion_domain="other"
+    )
+    hashed: list[int] = []
+    real = FusionEngine._hash
+    monkeypatch.setattr(
+        FusionEngine, "_hash", lambda self, flat, rows: hashed.append(len(rows)) or real(
+            self, flat, rows)
+    )
+    e.stop_machine("a")  # its domain's index goes whole
+    assert hashed == []
+    assert e.verify().consistent
+    # The domain comes back empty: a new machine there fuses only with itself.
+    e.start_machine("c", FakeMemory([(0, image(page(2), page(2)))]), page_fusion=True)
+    assert e.page_info("c", 0).share_count == 2
+    assert e.verify().consistent
+    assert_identity(e)

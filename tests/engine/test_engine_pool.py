@@ -1,3 +1,6 @@
+import ctypes
+
+import numpy as np
 import pytest
 
 from pagefusion.server.engine.errors import ResourceExhaustedError
@@ -98,6 +101,18 @@ def _resident_bytes(pool: FramePool) -> int:
     return 0
 
 
+def _resident_pages(pool: FramePool, frames) -> int:
+    """How many of ``frames`` are resident now (mincore)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
+    base = pool.frames.ctypes.data
+    span = (int(frames.max()) + 1) * 4096
+    vec = ctypes.create_string_buffer(span // 4096)
+    assert libc.mincore(base, span, vec) == 0, ctypes.get_errno()
+    flags = np.frombuffer(vec.raw, dtype=np.uint8)
+    return int((flags[frames] & 1).sum())
+
+
 def test_frames_populated_ahead_are_given_back_by_trim():
     pool = FramePool(64 * CHUNK_FRAMES)
     # Deltas: the kernel may merge this mapping with a neighbour in smaps.
@@ -129,4 +144,29 @@ def test_copy_on_write_frames_come_populated_from_the_reserve():
         pool.alloc_one()
     pool._prefaulter.wait()
     assert pool._populated >= pool.high_water_mark + RESERVE_FRAMES // 2
+    pool.close()
+
+
+def test_chunks_given_back_are_populated_again_ahead_and_trimmed_if_not_taken():
+    pool = FramePool(64 * CHUNK_FRAMES)
+    if pool._prefaulter is None:
+        pool.close()
+        return
+    frames = pool.alloc(16 * CHUNK_FRAMES)
+    pool.frames[frames] = 7  # resident, then all given back
+    pool.release(frames)
+    pool.trim()
+    base = _resident_bytes(pool)
+    # A start that may need 8 chunks: the chunks alloc takes again come back resident.
+    pool.prefault(8 * CHUNK_FRAMES)
+    pool._prefaulter.wait()
+    assert _resident_bytes(pool) - base >= 8 * CHUNK_FRAMES * 4096
+    taken = pool.alloc(4 * CHUNK_FRAMES)
+    assert _resident_pages(pool, taken) == len(taken)  # before anything wrote to them
+    assert not pool.frames[taken].any()  # given back means zero-filled, populated or not
+    pool.frames[taken] = 1
+    pool.trim()  # the 4 populated chunks not taken go back; the 4 taken stay
+    resident = _resident_bytes(pool) - base
+    assert 4 * CHUNK_FRAMES * 4096 <= resident <= (4 * CHUNK_FRAMES + RESERVE_FRAMES) * 4096
+    assert len(set(taken.tolist())) == len(taken)
     pool.close()
