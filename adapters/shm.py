@@ -43,6 +43,7 @@ from pagefusion.adapters.base import (
 from pagefusion.adapters.helpers import (
     MAX_TOTAL_BYTES,
     RangeLookup,
+    give_back_buffer,
     open_allowed,
     page_round_up,
     parse_bool,
@@ -165,10 +166,17 @@ class ShmGuestMemory(GuestMemory):
         self._check(offset + len(data))
         os.pwrite(self._fd, data, offset)
 
+    def idle(self) -> None:
+        # A running guest holds no read buffer between passes: the next
+        # pass, or the next source, takes the spare again.
+        give_back_buffer(self._buffer)
+        self._buffer = np.empty(0, dtype=np.uint8)
+
     def close(self) -> None:
         if self._closed:
             return
         self._closed = True
+        self.idle()
         if self._view is not None and self._map is not None:
             self._view.release()
             with contextlib.suppress(BufferError):  # a caller's view keeps it until dropped

@@ -131,8 +131,11 @@ from pagefusion.server.engine.types import (
 from pagefusion.server.engine.verify import MachineCopy, Snapshot, VerifyResult, recount
 
 #: Pages per ingest batch: large enough to amortise numpy calls, small
-#: enough to keep a batch's temporaries small.
-BATCH_PAGES = 16384
+#: enough that a batch stays in the last-level cache between the read, the
+#: hashing and the compares, and that a source's read buffer (16 MiB) costs
+#: few page faults. Measured on the 2-core VMs against 16,384 pages: the
+#: same user time and a third of the system time.
+BATCH_PAGES = 4096
 #: How far ahead of need the pool populates fresh frames (in batches).
 PREFAULT_BATCHES = 2
 _ZERO_PAGE = bytes(PAGE_SIZE)

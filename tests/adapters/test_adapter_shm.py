@@ -172,3 +172,25 @@ def test_option_errors(segment: Path, tmp_path: Path) -> None:
     (tmp_path / "escape").symlink_to("/etc/passwd")
     with pytest.raises(SourcePermissionError):
         open_source("shm", {"path": str(tmp_path / "escape")}, ctx)
+
+
+def test_a_source_between_passes_holds_no_read_buffer_and_the_next_reuses_it(
+    tmp_path: Path,
+) -> None:
+    first, second = tmp_path / "a.ram", tmp_path / "b.ram"
+    first.write_bytes(b"\x01" * (2 * MiB))
+    second.write_bytes(b"\x02" * (2 * MiB))
+    a, b = _open(first), _open(second)
+    view = np.frombuffer(a.read(0, 2 * MiB), np.uint8)
+    held = view.ctypes.data
+    assert (view == 1).all()
+    del view
+    a.idle()  # the pass is over: the buffer goes to the next reader
+    assert a._buffer.size == 0
+    reread = np.frombuffer(b.read(0, MiB), np.uint8)
+    assert reread.ctypes.data == held  # its pages are resident already
+    assert (reread == 2).all()
+    del reread
+    assert (np.frombuffer(a.read(MiB, MiB), np.uint8) == 1).all()  # reads go on after idle
+    a.close()
+    b.close()
