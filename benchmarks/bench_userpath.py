@@ -1,6 +1,7 @@
 """The user's path (issue 11): a fresh server, over gRPC, against bare gRPC.
 
     python benchmarks/bench_userpath.py [--guest-mib 256] [--repeats 3] [--growth 1,2,4,8]
+        [--overhead-gib 4] [--only cold,overhead,growth]
 
 1. Cold against warm: a fresh ``pagefusion-server`` subprocess starts two
    guests (their RAM as files in /dev/shm through the ``shm`` adapter, the
@@ -197,59 +198,89 @@ def growth(steps: list[int]) -> list[tuple[int, float, float]]:
     return rows
 
 
+SECTIONS = ("cold", "overhead", "growth")
+
+
 def run(
     guest_mib: int,
     repeats: int,
     overhead_gib: int,
     growth_steps: list[int],
     ksm: dict[str, tuple[float | None, float | None]] | None = None,
+    only: tuple[str, ...] = SECTIONS,
 ) -> str:
-    """The three measurements as markdown; ``ksm``: label -> (t99, cpu) from the same run."""
+    """The measurements in ``only`` as markdown; ``ksm``: label -> (t99, cpu) from the same run."""
     md: list[str] = []
-    paths = write_guests(guest_mib, 2)
+    paths = write_guests(guest_mib, 2 if "cold" in only else 1)
     try:
-        rows = cold_warm(paths, repeats)
-        md.append(f"### Cold and warm: two {guest_mib} MiB synthetic Windows 10 guests "
-                  "(seeds 1, 2: section 1's bytes) as RAM files in /dev/shm, read through "
-                  "`shm`; a fresh `pagefusion-server` each run\n")
-        md.append("| run | first StartMachine of both (cold) | server CPU | again after "
-                  "StopMachine (warm) | server CPU | cold / warm |")
-        md.append("|---|---|---|---|---|---|")
-        for i, (cold, cold_cpu, warm, warm_cpu) in enumerate(rows):
-            md.append(f"| {i + 1} | {cold:.3f} s | {cold_cpu:.2f} s | {warm:.3f} s | "
-                      f"{warm_cpu:.2f} s | {cold / warm:.2f} |")
-        cold_med = statistics.median(r[0] for r in rows)
-        warm_med = statistics.median(r[2] for r in rows)
-        cpu_med = statistics.median(r[1] for r in rows)
-        md.append(f"\nMedian: cold {cold_med:.3f} s ({cpu_med:.2f} s server CPU), warm "
-                  f"{warm_med:.3f} s, cold / warm {cold_med / warm_med:.2f} (target <= 1.3).\n")
-        for label, (t99, cpu) in (ksm or {}).items():
-            if t99:
-                md.append(f"- against KSM {label} (section 1, same bytes, same run): KSM "
-                          f"{t99:.3f} s with {cpu or 0:.2f} s of ksmd CPU; cold pagefusion "
-                          f"is {t99 / cold_med:.1f}x faster")
-        over = overhead(paths, overhead_gib)
-        md.append(f"\n### Per-call overhead: 50 grpc.aio clients on loopback, {overhead_gib} GiB "
-                  "of guests running, against a bare grpc.aio server with only the health "
-                  "service (measured just before each row)\n")
-        md.append("| call | pagefusion calls/s | bare grpc.aio health calls/s | ratio |")
-        md.append("|---|---|---|---|")
-        for what, ours, base in over:
-            md.append(f"| {what} | {ours:,.0f} | {base:,.0f} | {ours / base:.2f} |")
-        grow = growth(growth_steps)
-        md.append("\n### Growth: synthetic Windows 10 guests of 1 GiB started over gRPC, one "
-                  "after another\n")
-        md.append("| GiB running | seconds per GiB started | GetFusionStats p50 |")
-        md.append("|---|---|---|")
-        for gib, per_gib, p50 in grow:
-            md.append(f"| {gib} | {per_gib:.2f} s | {p50 * 1e3:.2f} ms |")
-        per = [r[1] for r in grow]
-        md.append(f"\nSeconds per GiB: {min(per):.2f} to {max(per):.2f} "
-                  f"({max(per) / min(per) - 1:.0%} spread; target within 15%).")
+        if "cold" in only:
+            md += cold_section(paths, guest_mib, repeats, ksm)
+        if "overhead" in only:
+            md += overhead_section(paths, overhead_gib)
+        if "growth" in only:
+            md += growth_section(growth_steps)
     finally:
         for path in paths:
             path.unlink(missing_ok=True)
     return "\n".join(md) + "\n"
+
+
+def cold_section(
+    paths: list[Path],
+    guest_mib: int,
+    repeats: int,
+    ksm: dict[str, tuple[float | None, float | None]] | None,
+) -> list[str]:
+    md: list[str] = []
+    rows = cold_warm(paths, repeats)
+    md.append(f"### Cold and warm: two {guest_mib} MiB synthetic Windows 10 guests "
+              "(seeds 1, 2: section 1's bytes) as RAM files in /dev/shm, read through "
+              "`shm`; a fresh `pagefusion-server` each run\n")
+    md.append("| run | first StartMachine of both (cold) | server CPU | again after "
+              "StopMachine (warm) | server CPU | cold / warm |")
+    md.append("|---|---|---|---|---|---|")
+    for i, (cold, cold_cpu, warm, warm_cpu) in enumerate(rows):
+        md.append(f"| {i + 1} | {cold:.3f} s | {cold_cpu:.2f} s | {warm:.3f} s | "
+                  f"{warm_cpu:.2f} s | {cold / warm:.2f} |")
+    cold_med = statistics.median(r[0] for r in rows)
+    warm_med = statistics.median(r[2] for r in rows)
+    cpu_med = statistics.median(r[1] for r in rows)
+    md.append(f"\nMedian: cold {cold_med:.3f} s ({cpu_med:.2f} s server CPU), warm "
+              f"{warm_med:.3f} s, cold / warm {cold_med / warm_med:.2f} (target <= 1.3).\n")
+    for label, (t99, cpu) in (ksm or {}).items():
+        if t99:
+            md.append(f"- against KSM {label} (section 1, same bytes, same run): KSM "
+                      f"{t99:.3f} s with {cpu or 0:.2f} s of ksmd CPU; cold pagefusion "
+                      f"is {t99 / cold_med:.1f}x faster")
+    return md
+
+
+def overhead_section(paths: list[Path], overhead_gib: int) -> list[str]:
+    md: list[str] = []
+    over = overhead(paths, overhead_gib)
+    md.append(f"\n### Per-call overhead: 50 grpc.aio clients on loopback, {overhead_gib} GiB "
+              "of guests running, against a bare grpc.aio server with only the health "
+              "service (measured just before each row)\n")
+    md.append("| call | pagefusion calls/s | bare grpc.aio health calls/s | ratio |")
+    md.append("|---|---|---|---|")
+    for what, ours, base in over:
+        md.append(f"| {what} | {ours:,.0f} | {base:,.0f} | {ours / base:.2f} |")
+    return md
+
+
+def growth_section(growth_steps: list[int]) -> list[str]:
+    md: list[str] = []
+    grow = growth(growth_steps)
+    md.append("\n### Growth: synthetic Windows 10 guests of 1 GiB started over gRPC, one "
+              "after another\n")
+    md.append("| GiB running | seconds per GiB started | GetFusionStats p50 |")
+    md.append("|---|---|---|")
+    for gib, per_gib, p50 in grow:
+        md.append(f"| {gib} | {per_gib:.2f} s | {p50 * 1e3:.2f} ms |")
+    per = [r[1] for r in grow]
+    md.append(f"\nSeconds per GiB: {min(per):.2f} to {max(per):.2f} "
+              f"({max(per) / min(per) - 1:.0%} spread; target within 15%).")
+    return md
 
 
 def main() -> None:
@@ -259,9 +290,16 @@ def main() -> None:
     parser.add_argument("--overhead-gib", type=int, default=4,
                         help="GiB of guests running while per-call overhead is measured")
     parser.add_argument("--growth", default="1,2,4,8")
+    parser.add_argument("--only", default=",".join(SECTIONS),
+                        help="comma-separated sections to run (default: %(default)s)")
     args = parser.parse_args()
     steps = [int(x) for x in args.growth.split(",") if x]
-    print(run(args.guest_mib, args.repeats, args.overhead_gib, steps))
+    only = tuple(x for x in args.only.split(",") if x)
+    unknown = sorted(set(only) - set(SECTIONS))
+    if unknown:
+        parser.error(f"--only: unknown section(s) {', '.join(unknown)} "
+                     f"(sections: {', '.join(SECTIONS)})")
+    print(run(args.guest_mib, args.repeats, args.overhead_gib, steps, only=only))
 
 
 if __name__ == "__main__":

@@ -3,12 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import operator
 from typing import cast
 
 from google.protobuf import field_mask_pb2
+from google.protobuf.message import Message
 from grpc import aio
 
-from pagefusion.server.engine import FusionConfig, FusionEngine, FusionMode, FusionStats
+from pagefusion.server.engine import (
+    FusionConfig,
+    FusionEngine,
+    FusionMode,
+    FusionStats,
+    HostStats,
+    MachineStats,
+)
 from pagefusion.server.engine_calls import quick
 from pagefusion.server.errors import invalid_argument
 from pagefusion.server.inventory import Inventory
@@ -30,35 +39,94 @@ def config_to_proto(config: FusionConfig) -> pb.FusionConfig:
     )
 
 
-def stats_to_proto(stats: FusionStats) -> pb.GetFusionStatsResponse:
-    host = stats.host
-    return pb.GetFusionStatsResponse(
-        host=pb.HostFusionStats(
-            guest_pages=host.guest_pages,
-            zero_pages=host.zero_pages,
-            private_pages=host.private_pages,
-            shared_pages=host.shared_pages,
-            frames_used=host.frames_used,
-            frames_shared=host.frames_shared,
-            pages_saved=host.pages_saved,
-            volatile_pages=host.volatile_pages,
-            full_scans=host.full_scans,
-            metadata_bytes=host.metadata_bytes,
-            frames_free=host.frames_free,
-            profit_bytes=profit_bytes(host),
-        ),
-        machines=[
-            pb.MachineFusionStats(
-                name=machine_name(m.machine_id),
-                guest_pages=m.guest_pages,
-                zero_pages=m.zero_pages,
-                private_pages=m.private_pages,
-                shared_pages=m.shared_pages,
-                volatile_pages=m.volatile_pages,
-            )
-            for m in sorted(stats.machines, key=lambda m: m.machine_id)
-        ],
+def _host_proto(host: HostStats) -> pb.HostFusionStats:
+    return pb.HostFusionStats(
+        guest_pages=host.guest_pages,
+        zero_pages=host.zero_pages,
+        private_pages=host.private_pages,
+        shared_pages=host.shared_pages,
+        frames_used=host.frames_used,
+        frames_shared=host.frames_shared,
+        pages_saved=host.pages_saved,
+        volatile_pages=host.volatile_pages,
+        full_scans=host.full_scans,
+        metadata_bytes=host.metadata_bytes,
+        frames_free=host.frames_free,
+        profit_bytes=profit_bytes(host),
     )
+
+
+def _machine_proto(m: MachineStats) -> pb.MachineFusionStats:
+    return pb.MachineFusionStats(
+        name=machine_name(m.machine_id),
+        guest_pages=m.guest_pages,
+        zero_pages=m.zero_pages,
+        private_pages=m.private_pages,
+        shared_pages=m.shared_pages,
+        volatile_pages=m.volatile_pages,
+    )
+
+
+_BY_ID = operator.attrgetter("machine_id")
+
+
+def stats_to_proto(stats: FusionStats) -> pb.GetFusionStatsResponse:
+    return pb.GetFusionStatsResponse(
+        host=_host_proto(stats.host),
+        machines=[_machine_proto(m) for m in sorted(stats.machines, key=_BY_ID)],
+    )
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def _field(number: int, message: Message) -> bytes:
+    """``message`` as a length-delimited field ``number`` of the enclosing message."""
+    payload = message.SerializeToString()
+    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
+
+
+_HOST_FIELD = pb.GetFusionStatsResponse.HOST_FIELD_NUMBER
+_MACHINES_FIELD = pb.GetFusionStatsResponse.MACHINES_FIELD_NUMBER
+
+
+class StatsResponses:
+    """Builds GetFusionStatsResponse as :func:`stats_to_proto` does, cheaper per call.
+
+    Building a message field by field costs microseconds per machine, at
+    every call; parsing the encoded response costs a fraction of that. So
+    each part (the host counters, one entry per machine) is encoded once
+    and kept while its counts stay the same (the engine's stats are frozen,
+    hashable values), and a response is parsed from the joined parts. Only
+    the parts of the last response are kept.
+    """
+
+    def __init__(self) -> None:
+        self._parts: dict[HostStats | MachineStats, bytes] = {}
+
+    def build(self, stats: FusionStats) -> pb.GetFusionStatsResponse:
+        """The response for ``stats``: equal to ``stats_to_proto(stats)``."""
+        known = self._parts
+        parts: dict[HostStats | MachineStats, bytes] = {}
+        host = known.get(stats.host)
+        if host is None:
+            host = _field(_HOST_FIELD, _host_proto(stats.host))
+        parts[stats.host] = host
+        encoded = [host]
+        for m in sorted(stats.machines, key=_BY_ID):
+            entry = known.get(m)
+            if entry is None:
+                entry = _field(_MACHINES_FIELD, _machine_proto(m))
+            parts[m] = entry
+            encoded.append(entry)
+        self._parts = parts
+        return pb.GetFusionStatsResponse.FromString(b"".join(encoded))
 
 
 class FusionServicer(fusion_pb2_grpc.FusionServiceServicer):
@@ -69,6 +137,7 @@ class FusionServicer(fusion_pb2_grpc.FusionServiceServicer):
         self._engine = engine
         self._registry = registry
         self._config_lock = asyncio.Lock()
+        self._stats = StatsResponses()
 
     async def GetFusionConfig(
         self, request: pb.GetFusionConfigRequest, context: aio.ServicerContext
@@ -120,7 +189,7 @@ class FusionServicer(fusion_pb2_grpc.FusionServiceServicer):
     async def GetFusionStats(
         self, request: pb.GetFusionStatsRequest, context: aio.ServicerContext
     ) -> pb.GetFusionStatsResponse:
-        return stats_to_proto(await quick(self._engine, self._engine.stats))
+        return self._stats.build(await quick(self._engine, self._engine.stats))
 
     async def VerifyFusion(
         self, request: pb.VerifyFusionRequest, context: aio.ServicerContext

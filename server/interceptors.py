@@ -12,8 +12,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
+import os
 import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -23,18 +23,29 @@ from google.protobuf.message import Message
 from grpc import aio
 
 from pagefusion.server.errors import current_resource, to_status
-from pagefusion.server.logs import log_safely
+from pagefusion.server.logs import FastLogger
 
-log = structlog.get_logger("pagefusion.server.rpc")
+log = FastLogger("pagefusion.server.rpc")
 
 REQUEST_ID_KEY = "x-request-id"
+
+# uuid.uuid4().hex without building a UUID (a third of the cost): the same
+# 122 random bits with the version (4) and RFC 4122 variant bits set.
+_UUID4_CLEAR = ~((0xF000 << 64) | (0xC000 << 48))
+_UUID4_SET = (0x4000 << 64) | (0x8000 << 48)
+
+
+def new_request_id() -> str:
+    """A fresh request id: a random UUID (version 4) as 32 hex digits, as ``uuid4().hex``."""
+    bits = int.from_bytes(os.urandom(16), "big")
+    return "%032x" % (bits & _UUID4_CLEAR | _UUID4_SET)
 
 
 def _request_id(details: grpc.HandlerCallDetails) -> str:
     for key, value in details.invocation_metadata or ():
         if key == REQUEST_ID_KEY and isinstance(value, str) and value:
             return value[:128]
-    return uuid.uuid4().hex
+    return new_request_id()
 
 
 def _cancelled(exc: BaseException) -> bool:
@@ -80,8 +91,7 @@ def _status_for(
 def _log_rpc(method: str, request_id: str, code: Any, start: float) -> None:
     if not isinstance(code, grpc.StatusCode):  # context.code() may give an int
         code = grpc.StatusCode.UNKNOWN
-    log_safely(
-        log,
+    log.log(
         40 if code is grpc.StatusCode.INTERNAL else 20,
         "rpc",
         method=method,

@@ -1,0 +1,194 @@
+"""The cheap per-RPC path (issue 11): the same lines, ids and answers as the general one.
+
+:class:`FastLogger` renders the per-RPC line itself while the JSON chain of
+``configure_logging`` is in force: its text must be the chain's, and any
+other configuration must reach structlog. The request id minted per call
+must still be a version-4 UUID, and GetFusionStats' reused encodings must
+give the message built field by field.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import re
+import sys
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import grpc
+import pytest
+import structlog
+
+from pagefusion.server import logs
+from pagefusion.server.engine import FusionStats, HostStats, MachineStats
+from pagefusion.server.fusion import StatsResponses, stats_to_proto
+from pagefusion.server.interceptors import new_request_id
+from pagefusion.v1 import fusion_pb2, machine_pb2
+
+RPC_FIELDS = {"method": "/pagefusion.v1.MachineService/GetMachine",
+              "request_id": 'r-"7"\\\n\u00e9', "code": "NOT_FOUND", "duration_ms": 0.125}
+
+
+@pytest.fixture
+def stderr() -> Iterator[io.StringIO]:
+    """The buffer :func:`configure` makes the log's stderr; structlog's defaults restored after."""
+    yield io.StringIO()
+    structlog.contextvars.clear_contextvars()
+    structlog.reset_defaults()
+
+
+def configure(stderr: io.StringIO, log_format: logs.LogFormat = "json",
+              level: int = logging.INFO) -> None:
+    """configure_logging with ``stderr`` as sys.stderr (pytest swaps sys.stderr between phases)."""
+    real, sys.stderr = sys.stderr, stderr
+    try:
+        logs.configure_logging(log_format, level)
+    finally:
+        sys.stderr = real
+
+
+def _without_time(line: str) -> str:
+    return re.sub(r'"timestamp": "[^"]*"', '"timestamp": T', line)
+
+
+def _chain_and_fast(stderr: io.StringIO, level: int, **fields: object) -> tuple[str, str]:
+    """The line structlog's chain writes and the line FastLogger writes, for the same call."""
+    logs.log_safely(structlog.get_logger("t"), level, "rpc", **fields)
+    logs.FastLogger("t").log(level, "rpc", **fields)
+    chain, fast = stderr.getvalue().splitlines()[-2:]
+    return chain, fast
+
+
+@pytest.mark.parametrize("level", [logging.INFO, logging.ERROR])
+def test_the_fast_line_is_the_chains_line(stderr: io.StringIO, level: int) -> None:
+    configure(stderr)
+    structlog.contextvars.bind_contextvars(machine="m1", attempt=2, request_id="shadowed")
+    chain, fast = _chain_and_fast(stderr, level, **RPC_FIELDS)
+    assert _without_time(fast) == _without_time(chain)
+    record = json.loads(fast)
+    keys = list(record)  # context variables come in the context's own order
+    assert keys[:5] == ["method", "request_id", "code", "duration_ms", "event"]
+    assert set(keys[5:7]) == {"machine", "attempt"} and keys[7:] == ["level", "timestamp"]
+    assert record["request_id"] == RPC_FIELDS["request_id"]  # the call's, not the context's
+    assert record["level"] == logging.getLevelName(level).lower()
+
+
+@pytest.mark.parametrize("fields", [
+    {"path": Path("/x")},  # needs the renderer's fallback (repr)
+    {"ratio": float("nan"), "none": None, "flag": True, "big": 1 << 70},
+    {"exc_info": ValueError("boom")},  # the traceback renderer's job
+])
+def test_unusual_fields_give_the_chains_line(stderr: io.StringIO, fields: dict) -> None:
+    configure(stderr)
+    chain, fast = _chain_and_fast(stderr, logging.ERROR, **fields)
+    assert _without_time(fast) == _without_time(chain)
+
+
+def test_the_timestamp_is_iso_utc_now(stderr: io.StringIO) -> None:
+    configure(stderr)
+    logs.FastLogger("t").log(logging.INFO, "rpc", **RPC_FIELDS)
+    stamp = json.loads(stderr.getvalue().splitlines()[-1])["timestamp"]
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{6})?Z", stamp)
+    written = datetime.fromisoformat(stamp.replace("Z", "+00:00"))
+    assert abs(datetime.now(UTC) - written) < timedelta(minutes=1)
+
+
+def test_the_level_filter_applies(stderr: io.StringIO) -> None:
+    configure(stderr, level=logging.WARNING)
+    fast = logs.FastLogger("t")
+    fast.log(logging.INFO, "rpc", **RPC_FIELDS)
+    fast.log(logging.ERROR, "rpc", **RPC_FIELDS)
+    lines = [json.loads(line) for line in stderr.getvalue().splitlines()]
+    assert [line["level"] for line in lines] == ["error"]
+
+
+def test_capture_logs_sees_fast_lines(stderr: io.StringIO) -> None:
+    configure(stderr)
+    with structlog.testing.capture_logs() as captured:
+        logs.FastLogger("t").log(logging.INFO, "rpc", **RPC_FIELDS)
+    assert captured == [{**RPC_FIELDS, "event": "rpc", "log_level": "info"}]
+    assert stderr.getvalue() == ""
+    logs.FastLogger("t").log(logging.INFO, "rpc", **RPC_FIELDS)  # the chain is back
+    assert json.loads(stderr.getvalue())["event"] == "rpc"
+
+
+def test_other_configurations_go_through_structlog(stderr: io.StringIO) -> None:
+    configure(stderr, "console")
+    logs.FastLogger("t").log(logging.INFO, "rpc", **RPC_FIELDS)
+    assert "rpc" in stderr.getvalue() and not stderr.getvalue().startswith("{")
+    configure(stderr)
+    seen: list[dict] = []
+
+    def keep(logger: object, method: str, event: dict) -> str:
+        seen.append(event)
+        return "kept"
+
+    structlog.configure(processors=[keep])  # an embedding application's chain
+    logs.FastLogger("t").log(logging.INFO, "rpc", **RPC_FIELDS)
+    assert seen == [{**RPC_FIELDS, "event": "rpc"}]
+
+
+def test_a_failing_output_is_counted_not_raised(stderr: io.StringIO) -> None:
+    stderr.close()  # configure_logging's file: every write fails
+    configure(stderr)
+    before = logs.dropped_lines()
+    logs.FastLogger("t").log(logging.INFO, "rpc", **RPC_FIELDS)
+    assert logs.dropped_lines() - before == 1
+
+
+def test_minted_request_ids_are_uuid4_hex() -> None:
+    ids = {new_request_id() for _ in range(2000)}
+    assert len(ids) == 2000
+    for request_id in ids:
+        parsed = uuid.UUID(hex=request_id)
+        assert parsed.hex == request_id
+        assert (parsed.version, parsed.variant) == (4, uuid.RFC_4122)
+
+
+def test_an_rpc_line_per_call_through_the_fast_path(api, stderr: io.StringIO) -> None:
+    configure(stderr)
+    with pytest.raises(grpc.RpcError):
+        api.machines.GetMachine(machine_pb2.GetMachineRequest(name="machines/ghost"),
+                                metadata=[("x-request-id", "r-9")])
+    api.fusion.GetFusionStats(fusion_pb2.GetFusionStatsRequest())
+    rpcs = [json.loads(line) for line in stderr.getvalue().splitlines()
+            if '"event": "rpc"' in line]
+    assert [(r["method"], r["code"], r["level"]) for r in rpcs] == [
+        ("/pagefusion.v1.MachineService/GetMachine", "NOT_FOUND", "info"),
+        ("/pagefusion.v1.FusionService/GetFusionStats", "OK", "info"),
+    ]
+    assert rpcs[0]["request_id"] == "r-9"
+    assert uuid.UUID(hex=rpcs[1]["request_id"]).version == 4
+    assert all(r["duration_ms"] >= 0 for r in rpcs)
+
+
+def _machine(machine_id: str, seed: int) -> MachineStats:
+    return MachineStats(machine_id, guest_pages=seed * 7919, zero_pages=seed % 3,
+                        private_pages=seed << 40, shared_pages=seed * 3, volatile_pages=seed % 2)
+
+
+def _host(seed: int) -> HostStats:
+    return HostStats(*(seed * (i + 1) << (i * 5) for i in range(11)))
+
+
+def test_stats_responses_equal_the_field_by_field_message() -> None:
+    builder = StatsResponses()
+    # An entry longer than 127 bytes (a two-byte length): the longest id, the largest counts.
+    big = MachineStats("m" + "x" * 62, *((1 << 64) - 1 - i for i in range(5)))
+    steps = [
+        FusionStats(_host(0), ()),
+        FusionStats(_host(1), (_machine("b", 1), _machine("a", 2))),
+        FusionStats(_host(1), (_machine("a", 2), _machine("b", 1))),  # unchanged: reused
+        FusionStats(_host(2), (_machine("a", 3), _machine("b", 1), big)),
+        FusionStats(_host(3), (big,)),
+        FusionStats(_host(0), (_machine("a", 0),)),
+    ]
+    for stats in steps:
+        built = builder.build(stats)
+        assert built == stats_to_proto(stats)
+        assert [m.name for m in built.machines] == sorted(m.name for m in built.machines)
+    assert len(builder.build(steps[3]).machines[2].SerializeToString()) > 127
