@@ -61,6 +61,19 @@ def read_buffer(nbytes: int) -> np.ndarray:
     with _spare_lock:
         if _spare and _spare[0].size >= nbytes:
             return _spare.pop()[:nbytes]
+    return page_aligned(nbytes)
+
+
+def page_aligned(nbytes: int) -> np.ndarray:
+    """A fresh zero-filled uint8 array of ``nbytes`` starting on a page boundary.
+
+    Guest memory is page aligned, and so are the engine's frames; a copy
+    between a page-aligned buffer and a malloc'd one (16 bytes past a
+    boundary) ran at a quarter of the speed on this project's AMD VMs (the
+    CPU's fast string copy wants source and destination equally aligned).
+    Backed by 4 KiB pages (see :func:`read_buffer`), private, anonymous,
+    and freed with the array.
+    """
     mapping = mmap.mmap(-1, max(nbytes, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     with contextlib.suppress(AttributeError, OSError):  # not every kernel knows the advice
         mapping.madvise(mmap.MADV_NOHUGEPAGE)

@@ -62,9 +62,12 @@ from pagefusion.adapters.base import (
 from pagefusion.adapters.helpers import (
     MAX_TOTAL_BYTES,
     RangeLookup,
+    give_back_buffer,
     open_allowed,
+    page_aligned,
     parse_bool,
     parse_int,
+    read_buffer,
     resolve_allowed,
 )
 from pagefusion.adapters.windows_profiles import PROFILES, ModuleSpec, Profile
@@ -151,9 +154,11 @@ def _pool(name: str) -> np.ndarray:
             pool64 = np.where((choice >= 0.40) & (choice < 0.65), small, pool64)
             pool64 = np.where((choice >= 0.65) & (choice < 0.85), pointer, pool64)
             pool = pool64.view(np.uint8).reshape(_POOL_PAGES, PAGE_SIZE)
-        pool.setflags(write=False)
-        _pools[name] = pool
-        return pool
+        aligned = page_aligned(pool.nbytes).reshape(pool.shape)  # guest pages are page aligned
+        aligned[:] = pool
+        aligned.setflags(write=False)
+        _pools[name] = aligned
+        return aligned
 
 
 _POOL_OF_KIND = {IMAGE_CODE: "code", IMAGE_DATA: "data", CACHE: "data", PRIVATE: "data",
@@ -771,7 +776,7 @@ class SyntheticWindowsMemory(GuestMemory):
             raise SourceError("synthetic guest memory is closed")
         self._lookup.find(address, length)
         if self._buffer.size < length:
-            self._buffer = np.empty(length, dtype=np.uint8)
+            self._buffer = read_buffer(length)
         out = self._buffer[:length].reshape(-1, PAGE_SIZE)
         self.synthesize(self._linear(address), out)
         return memoryview(self._buffer[:length].data)
@@ -837,12 +842,14 @@ class SyntheticWindowsMemory(GuestMemory):
             )
 
     def idle(self) -> None:
-        # A running guest keeps no 64 MiB read buffer (it matters with dozens of guests).
+        # A running guest keeps no read buffer (it matters with dozens of
+        # guests); the next reader takes it as the spare.
+        give_back_buffer(self._buffer)
         self._buffer = np.empty(0, dtype=np.uint8)
 
     def close(self) -> None:
         self._closed = True
-        self._buffer = np.empty(0, dtype=np.uint8)
+        self.idle()
 
 
 class SyntheticWindowsAdapter(Adapter):

@@ -116,6 +116,7 @@ from pagefusion.server.engine.pool import (
     MAX_REFCOUNT,
     FramePool,
     host_memory_bytes,
+    page_aligned_zeros,
 )
 from pagefusion.server.engine.types import (
     PAGE_SIZE,
@@ -298,9 +299,9 @@ class FusionEngine:
         self._scan_cursor: tuple[str, int] = ("", 0)
         self._modules = ModuleRegistry()
         rows = 512  # 2 MiB per scratch buffer
-        self._scratch = (
-            np.zeros((rows, PAGE_SIZE // 8), dtype=np.uint64),
-            np.zeros((rows, PAGE_SIZE // 8), dtype=np.uint64),
+        self._scratch = (  # page aligned, like the frames and sources they copy
+            page_aligned_zeros((rows, PAGE_SIZE // 8), np.uint64),
+            page_aligned_zeros((rows, PAGE_SIZE // 8), np.uint64),
             np.zeros((rows, PAGE_SIZE // 8), dtype=bool),
         )
 
@@ -652,7 +653,12 @@ class FusionEngine:
             ok &= frames != own[has]
         good = has[ok]
         equal = np.zeros(len(has), dtype=bool)
-        equal[ok] = self._equal_rows(pool.words, frames[ok], words, reps[good])
+        # In frame order, not the groups' hash order: the pool side is read
+        # in runs (a guest like one fused before has its frames in its order).
+        order = np.argsort(frames[ok], kind="stable")
+        same = np.empty(len(order), dtype=bool)
+        same[order] = self._equal_rows(pool.words, frames[ok][order], words, reps[good][order])
+        equal[ok] = same
         found[has[equal]] = frames[equal]
         for g in has[~equal].tolist():  # collisions, stale or saturated entries
             found[g] = self._find(
@@ -739,13 +745,14 @@ class FusionEngine:
         # is also why every take here says mode="clip": the default mode
         # buffers its whole output; the rows are in range by construction.)
         target = self._pool.frames
-        first = int(frames[0])
-        if int(frames[-1]) - first + 1 == len(frames) and (
-            len(frames) == 1 or bool(np.all(np.diff(frames.astype(np.int64)) == 1))
-        ):
-            np.take(data, rows, axis=0, out=target[first : first + len(frames)], mode="clip")
+        ends = np.flatnonzero(np.diff(frames.astype(np.int64)) != 1) + 1
+        if len(ends) <= len(frames) // 64:  # runs of frames (fresh, or chunks taken again)
+            starts = [0, *ends.tolist()]
+            for lo, hi in zip(starts, [*starts[1:], len(frames)], strict=True):
+                first = int(frames[lo])
+                np.take(data, rows[lo:hi], axis=0, out=target[first : first + hi - lo], mode="clip")
             return
-        staging = self._scratch[0].view(np.uint8)  # reused frames: through cache-sized scratch
+        staging = self._scratch[0].view(np.uint8)  # scattered frames: through cache-sized scratch
         step = len(staging)
         for start in range(0, len(frames), step):
             k = min(step, len(frames) - start)

@@ -170,3 +170,22 @@ def test_chunks_given_back_are_populated_again_ahead_and_trimmed_if_not_taken():
     assert 4 * CHUNK_FRAMES * 4096 <= resident <= (4 * CHUNK_FRAMES + RESERVE_FRAMES) * 4096
     assert len(set(taken.tolist())) == len(taken)
     pool.close()
+
+
+def test_buffers_pages_are_copied_through_start_on_page_boundaries():
+    # A copy between a page-aligned and a malloc'd buffer ran at a quarter of the speed.
+    from pagefusion.adapters.helpers import page_aligned, read_buffer
+    from pagefusion.server.engine import FusionEngine
+    from pagefusion.server.engine.pool import page_aligned_zeros
+
+    engine = FusionEngine(max_pool_bytes=8 << 20)
+    try:
+        for scratch in engine._scratch[:2]:
+            assert scratch.ctypes.data % 4096 == 0 and not scratch.any()
+        assert engine._pool.frames.ctypes.data % 4096 == 0
+    finally:
+        engine.close()
+    grid = page_aligned_zeros((3, 5), np.uint64)
+    assert grid.shape == (3, 5) and grid.ctypes.data % 4096 == 0 and not grid.any()
+    assert page_aligned(12345).ctypes.data % 4096 == 0
+    assert read_buffer(1 << 20).ctypes.data % 4096 == 0
