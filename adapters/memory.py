@@ -32,6 +32,7 @@ from pagefusion.adapters.base import (
 )
 from pagefusion.adapters.helpers import (
     RangeLookup,
+    page_aligned,
     page_round_up,
     parse_bool,
     parse_int,
@@ -69,7 +70,7 @@ def _as_array(data: Buffer, copy: bool = True) -> np.ndarray:
         flat = np.frombuffer(data, dtype=np.uint8)
     if not copy and flat.size and flat.size % PAGE_SIZE == 0 and flat.flags.writeable:
         return flat
-    padded = np.zeros(page_round_up(max(flat.size, 1)), dtype=np.uint8)
+    padded = page_aligned(page_round_up(max(flat.size, 1)))  # as guest RAM is
     padded[: flat.size] = flat
     return padded
 

@@ -23,6 +23,7 @@ if str(HERE) not in sys.path:  # engine_bench lives next to us
     sys.path.insert(0, str(HERE))
 
 from pagefusion.adapters.base import GuestMemory, GuestModule, MemoryRange  # noqa: E402
+from pagefusion.adapters.helpers import page_aligned  # noqa: E402
 from pagefusion.adapters.synthetic_windows import (  # noqa: E402
     PROFILES,
     SyntheticWindowsMemory,
@@ -106,8 +107,8 @@ class GuestSpec:
 def materialize(spec: GuestSpec, out: np.ndarray | None = None) -> np.ndarray:
     """The guest's linear pages as a (pages, 4096) uint8 array (filled in ``out`` if given)."""
     mem = spec.open()
-    if out is None:
-        out = np.empty((spec.pages, PAGE), dtype=np.uint8)
+    if out is None:  # page aligned, as guest RAM is (see adapters.helpers.page_aligned)
+        out = page_aligned(spec.pages * PAGE).reshape(spec.pages, PAGE)
     step = 16384
     for first in range(0, spec.pages, step):
         mem.synthesize(first, out[first : first + step])

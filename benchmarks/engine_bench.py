@@ -20,6 +20,7 @@ import mmh3
 import numpy as np
 
 from pagefusion.adapters.base import GuestMemory, MemoryRange
+from pagefusion.adapters.helpers import page_aligned
 from pagefusion.server.engine import FusionEngine
 
 PAGE = 4096
@@ -51,7 +52,8 @@ def make_guests(machines: int, pages: int, seed: int = 7) -> list[np.ndarray]:
     common = rng.integers(0, 2**63, size=(len(common_idx), PAGE // 8), dtype=np.uint64)
     guests = []
     for m in range(machines):
-        g = np.zeros((pages, PAGE // 8), dtype=np.uint64)
+        # Page aligned, as guest RAM is (see adapters.helpers.page_aligned).
+        g = page_aligned(pages * PAGE).view(np.uint64).reshape(pages, PAGE // 8)
         g[common_idx] = common
         uniq = np.flatnonzero(kinds == 2)
         g[uniq] = np.random.default_rng(seed + 1 + m).integers(

@@ -535,9 +535,8 @@ class FusionEngine:
         """Keyed mmh3 x64 128-bit hashes of 4 KiB rows of ``flat``, as (k, 2) uint64."""
         digest = mmh3.mmh3_x64_128_digest
         seed = self._seed
-        out = b"".join(
-            [digest(flat[r * PAGE_SIZE : (r + 1) * PAGE_SIZE], seed) for r in rows.tolist()]
-        )
+        starts = (rows.astype(np.int64) * PAGE_SIZE).tolist()
+        out = b"".join([digest(flat[s : s + PAGE_SIZE], seed) for s in starts])
         return np.frombuffer(out, dtype=np.uint64).reshape(-1, 2)
 
     def _index(self, domain: str) -> FusionIndex:
