@@ -1,7 +1,7 @@
 """The user's path (issue 11): a fresh server, over gRPC, against bare gRPC.
 
     python benchmarks/bench_userpath.py [--guest-mib 256] [--repeats 3] [--growth 1,2,4,8]
-        [--overhead-gib 4] [--only cold,overhead,growth]
+        [--overhead-gib 4] [--overhead-rounds 1] [--only cold,overhead,growth]
 
 1. Cold against warm: a fresh ``pagefusion-server`` subprocess starts two
    guests (their RAM as files in /dev/shm through the ``shm`` adapter, the
@@ -143,7 +143,10 @@ async def rate(address: str, what: str, clients: int = 50, seconds: float = 3.0)
     return done / elapsed
 
 
-def overhead(paths: list[Path], gib_running: int) -> list[tuple[str, float, float]]:
+def overhead(
+    paths: list[Path], gib_running: int, rounds: int = 1
+) -> list[tuple[str, float, float]]:
+    """Calls/s of ours and of bare health per call, each the median of ``rounds`` pairs."""
     bare = subprocess.Popen([sys.executable, "-c", BARE_SERVER], stdout=subprocess.PIPE, text=True)
     try:
         assert bare.stdout is not None
@@ -162,9 +165,11 @@ def overhead(paths: list[Path], gib_running: int) -> list[tuple[str, float, floa
                 start_all(machines, [f"big{i}"])
             rows = []
             for what in ("health", "GetPageInfo", "ReadGuestMemory", "GetFusionStats"):
-                base = asyncio.run(rate(bare_address, "health"))
-                ours = asyncio.run(rate(server.address, what))
-                rows.append((what, ours, base))
+                bases, ours = [], []
+                for _ in range(rounds):  # bare just before ours: the same minutes
+                    bases.append(asyncio.run(rate(bare_address, "health")))
+                    ours.append(asyncio.run(rate(server.address, what)))
+                rows.append((what, statistics.median(ours), statistics.median(bases)))
             return rows
     finally:
         bare.terminate()
@@ -208,6 +213,7 @@ def run(
     growth_steps: list[int],
     ksm: dict[str, tuple[float | None, float | None]] | None = None,
     only: tuple[str, ...] = SECTIONS,
+    overhead_rounds: int = 1,
 ) -> str:
     """The measurements in ``only`` as markdown; ``ksm``: label -> (t99, cpu) from the same run."""
     md: list[str] = []
@@ -216,7 +222,7 @@ def run(
         if "cold" in only:
             md += cold_section(paths, guest_mib, repeats, ksm)
         if "overhead" in only:
-            md += overhead_section(paths, overhead_gib)
+            md += overhead_section(paths, overhead_gib, overhead_rounds)
         if "growth" in only:
             md += growth_section(growth_steps)
     finally:
@@ -255,12 +261,14 @@ def cold_section(
     return md
 
 
-def overhead_section(paths: list[Path], overhead_gib: int) -> list[str]:
+def overhead_section(paths: list[Path], overhead_gib: int, rounds: int = 1) -> list[str]:
     md: list[str] = []
-    over = overhead(paths, overhead_gib)
+    over = overhead(paths, overhead_gib, rounds)
+    each = "just before each row" if rounds == 1 else (
+        f"just before each of ours; medians of {rounds} such pairs")
     md.append(f"\n### Per-call overhead: 50 grpc.aio clients on loopback, {overhead_gib} GiB "
               "of guests running, against a bare grpc.aio server with only the health "
-              "service (measured just before each row)\n")
+              f"service (measured {each})\n")
     md.append("| call | pagefusion calls/s | bare grpc.aio health calls/s | ratio |")
     md.append("|---|---|---|---|")
     for what, ours, base in over:
@@ -290,6 +298,8 @@ def main() -> None:
     parser.add_argument("--overhead-gib", type=int, default=4,
                         help="GiB of guests running while per-call overhead is measured")
     parser.add_argument("--growth", default="1,2,4,8")
+    parser.add_argument("--overhead-rounds", type=int, default=1,
+                        help="pairs of 3 s measurements (bare, ours) per call; medians shown")
     parser.add_argument("--only", default=",".join(SECTIONS),
                         help="comma-separated sections to run (default: %(default)s)")
     args = parser.parse_args()
@@ -299,7 +309,8 @@ def main() -> None:
     if unknown:
         parser.error(f"--only: unknown section(s) {', '.join(unknown)} "
                      f"(sections: {', '.join(SECTIONS)})")
-    print(run(args.guest_mib, args.repeats, args.overhead_gib, steps, only=only))
+    print(run(args.guest_mib, args.repeats, args.overhead_gib, steps, only=only,
+              overhead_rounds=args.overhead_rounds))
 
 
 if __name__ == "__main__":

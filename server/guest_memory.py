@@ -15,7 +15,7 @@ from grpc import aio
 from pagefusion.adapters.base import GuestModule, ModuleRegion
 from pagefusion.server.engine import FusionEngine
 from pagefusion.server.engine_calls import quick
-from pagefusion.server.errors import invalid_argument
+from pagefusion.server.errors import current_resource, invalid_argument
 from pagefusion.server.inventory import Inventory
 from pagefusion.server.resources import parse_machine_name
 from pagefusion.v1 import guest_memory_pb2 as pb
@@ -24,6 +24,9 @@ from pagefusion.v1 import guest_memory_pb2_grpc
 #: Largest ReadGuestMemory / WriteGuestMemory transfer.
 MAX_TRANSFER_BYTES = 4 << 20
 
+#: Parsed machine names kept (a bound: names are client input).
+MAX_NAMES_KEPT = 4096
+
 
 class GuestMemoryServicer(guest_memory_pb2_grpc.GuestMemoryServiceServicer):
     """GuestMemoryService over the engine."""
@@ -31,10 +34,20 @@ class GuestMemoryServicer(guest_memory_pb2_grpc.GuestMemoryServiceServicer):
     def __init__(self, inventory: Inventory, engine: FusionEngine) -> None:
         self._inventory = inventory
         self._engine = engine
+        #: Well-formed names seen, and their ids: every call names a machine,
+        #: and checking the name's syntax again costs more than the lookup.
+        self._ids: dict[str, str] = {}
 
     def _running(self, name: str) -> str:
         """The id of the running machine ``name``; NOT_FOUND or FAILED_PRECONDITION otherwise."""
-        machine_id = parse_machine_name(name)
+        machine_id = self._ids.get(name)
+        if machine_id is None:
+            machine_id = parse_machine_name(name)
+            if len(self._ids) >= MAX_NAMES_KEPT:
+                self._ids.clear()
+            self._ids[name] = machine_id
+        else:
+            current_resource.set(name)  # as parse_machine_name does
         self._inventory.require_running(machine_id, name)
         return machine_id
 

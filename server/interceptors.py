@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import inspect
 import os
 import time
@@ -41,8 +42,9 @@ def new_request_id() -> str:
     return "%032x" % (bits & _UUID4_CLEAR | _UUID4_SET)
 
 
-def _request_id(details: grpc.HandlerCallDetails) -> str:
-    for key, value in details.invocation_metadata or ():
+def _request_id(metadata: Any) -> str:
+    """The client's ``x-request-id`` in the call's ``metadata``, else a fresh id."""
+    for key, value in metadata or ():
         if key == REQUEST_ID_KEY and isinstance(value, str) and value:
             return value[:128]
     return new_request_id()
@@ -101,8 +103,88 @@ def _log_rpc(method: str, request_id: str, code: Any, start: float) -> None:
     )
 
 
+#: The request id of the call this task serves, set where the call's handler
+#: is chosen (grpc.aio runs the interceptors and the handler in one task).
+_call_request_id: contextvars.ContextVar[str] = contextvars.ContextVar("pagefusion_request_id")
+
+#: Wrapped handlers kept (a guard: grpc's handlers are one per method, but a
+#: refusing handler is made per call).
+MAX_WRAPPED = 1024
+
+
+def _this_call_request_id(context: aio.ServicerContext) -> str:
+    request_id = _call_request_id.get(None)
+    if request_id is None:  # a grpc that ran the handler in another task: read it again
+        request_id = _request_id(context.invocation_metadata())
+    return request_id
+
+
+def _wrap(method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+    """``handler`` with the request id bound, errors mapped and one line logged per call."""
+    if handler.unary_unary is not None:
+        unary: Any = handler.unary_unary
+
+        # The hot path, without the context manager _guard uses for
+        # streams (a generator-based manager costs more than the call).
+        async def unary_unary(request: Any, context: aio.ServicerContext) -> Any:
+            start = time.perf_counter()
+            code = grpc.StatusCode.OK
+            request_id = _this_call_request_id(context)
+            current_resource.set(None)
+            tokens = structlog.contextvars.bind_contextvars(request_id=request_id)
+            try:
+                response = await unary(request, context)
+                code = context.code() or grpc.StatusCode.OK
+                return response
+            except aio.AbortError:
+                code = context.code() or grpc.StatusCode.UNKNOWN
+                raise
+            except BaseException as exc:
+                if _cancelled(exc):
+                    code = grpc.StatusCode.CANCELLED
+                    raise
+                code, message, trailers = _status_for(exc, method, context, request)
+                await context.abort(code, message, trailers)
+            finally:
+                structlog.contextvars.reset_contextvars(**tokens)
+                _log_rpc(method, request_id, code, start)
+
+        return grpc.unary_unary_rpc_method_handler(
+            unary_unary, handler.request_deserializer, handler.response_serializer
+        )
+
+    streaming: Any = handler.unary_stream or handler.stream_stream
+    if streaming is None:  # client streaming: none of ours; pass through unlogged
+        return handler
+    factory = (grpc.unary_stream_rpc_method_handler if handler.unary_stream is not None
+               else grpc.stream_stream_rpc_method_handler)
+
+    if inspect.isasyncgenfunction(streaming):
+        async def generator(request: Any, context: aio.ServicerContext) -> AsyncIterator[Any]:
+            async with _guard(method, _this_call_request_id(context), context, request):
+                async for response in streaming(request, context):
+                    yield response
+
+        return factory(generator, handler.request_deserializer, handler.response_serializer)
+
+    async def writer(request: Any, context: aio.ServicerContext) -> None:
+        async with _guard(method, _this_call_request_id(context), context, request):
+            await streaming(request, context)
+
+    return factory(writer, handler.request_deserializer, handler.response_serializer)
+
+
 class ServerInterceptor(aio.ServerInterceptor):
-    """Logs every RPC and maps escaping exceptions to rich statuses."""
+    """Logs every RPC and maps escaping exceptions to rich statuses.
+
+    The wrapped handler of each method is made once and kept (keyed by the
+    method and the handler it wraps); the call's request id reaches it
+    through a context variable.
+    """
+
+    def __init__(self) -> None:
+        self._wrapped: dict[tuple[str, int], tuple[grpc.RpcMethodHandler,
+                                                   grpc.RpcMethodHandler]] = {}
 
     async def intercept_service(
         self,
@@ -113,55 +195,11 @@ class ServerInterceptor(aio.ServerInterceptor):
         if handler is None:
             return handler
         method = handler_call_details.method
-        request_id = _request_id(handler_call_details)
-
-        if handler.unary_unary is not None:
-            unary: Any = handler.unary_unary
-
-            # The hot path, without the context manager _guard uses for
-            # streams (a generator-based manager costs more than the call).
-            async def unary_unary(request: Any, context: aio.ServicerContext) -> Any:
-                start = time.perf_counter()
-                code = grpc.StatusCode.OK
-                current_resource.set(None)
-                tokens = structlog.contextvars.bind_contextvars(request_id=request_id)
-                try:
-                    response = await unary(request, context)
-                    code = context.code() or grpc.StatusCode.OK
-                    return response
-                except aio.AbortError:
-                    code = context.code() or grpc.StatusCode.UNKNOWN
-                    raise
-                except BaseException as exc:
-                    if _cancelled(exc):
-                        code = grpc.StatusCode.CANCELLED
-                        raise
-                    code, message, trailers = _status_for(exc, method, context, request)
-                    await context.abort(code, message, trailers)
-                finally:
-                    structlog.contextvars.reset_contextvars(**tokens)
-                    _log_rpc(method, request_id, code, start)
-
-            return grpc.unary_unary_rpc_method_handler(
-                unary_unary, handler.request_deserializer, handler.response_serializer
-            )
-
-        streaming: Any = handler.unary_stream or handler.stream_stream
-        if streaming is None:  # client streaming: none of ours; pass through unlogged
-            return handler
-        factory = (grpc.unary_stream_rpc_method_handler if handler.unary_stream is not None
-                   else grpc.stream_stream_rpc_method_handler)
-
-        if inspect.isasyncgenfunction(streaming):
-            async def generator(request: Any, context: aio.ServicerContext) -> AsyncIterator[Any]:
-                async with _guard(method, request_id, context, request):
-                    async for response in streaming(request, context):
-                        yield response
-
-            return factory(generator, handler.request_deserializer, handler.response_serializer)
-
-        async def writer(request: Any, context: aio.ServicerContext) -> None:
-            async with _guard(method, request_id, context, request):
-                await streaming(request, context)
-
-        return factory(writer, handler.request_deserializer, handler.response_serializer)
+        _call_request_id.set(_request_id(handler_call_details.invocation_metadata))
+        key = (method, id(handler))
+        entry = self._wrapped.get(key)
+        if entry is None or entry[0] is not handler:
+            if len(self._wrapped) >= MAX_WRAPPED:
+                self._wrapped.clear()
+            entry = self._wrapped[key] = (handler, _wrap(method, handler))
+        return entry[1]

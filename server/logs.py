@@ -120,6 +120,24 @@ class _Clock:
 _clock = _Clock()
 
 
+def _no_fallback(value: Any) -> Any:
+    raise TypeError(f"{type(value).__name__} needs the renderer's fallback")
+
+
+def _make_dumps() -> Any:
+    """``json.dumps`` with its defaults, its C encoder made once instead of at every call."""
+    make = getattr(json.encoder, "c_make_encoder", None)
+    if make is None:  # no C accelerator: json.dumps itself
+        return json.dumps
+    # markers=None: no cycle check; a cyclic value ends in RecursionError (-> structlog).
+    encode = make(None, _no_fallback, json.encoder.encode_basestring_ascii, None,  # type: ignore[attr-defined]
+                  ": ", ", ", False, False, True)
+    return lambda value: "".join(encode(value, 0))
+
+
+_dumps = _make_dumps()
+
+
 class FastLogger:
     """A logger for hot lines (one per RPC): ``structlog.get_logger(name).log`` made cheap.
 
@@ -176,8 +194,8 @@ class FastLogger:
         try:
             # JSONRenderer is json.dumps with a fallback for other types: where
             # json.dumps needs none, its text is the renderer's.
-            line = json.dumps(event_dict)
-        except (TypeError, ValueError):
+            line = _dumps(event_dict)
+        except (TypeError, ValueError, RecursionError):
             return False
         chain.out.msg(line)
         return True

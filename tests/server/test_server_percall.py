@@ -22,12 +22,13 @@ from pathlib import Path
 import grpc
 import pytest
 import structlog
+from google.rpc import error_details_pb2
 
 from pagefusion.server import logs
 from pagefusion.server.engine import FusionStats, HostStats, MachineStats
 from pagefusion.server.fusion import StatsResponses, stats_to_proto
 from pagefusion.server.interceptors import new_request_id
-from pagefusion.v1 import fusion_pb2, machine_pb2
+from pagefusion.v1 import fusion_pb2, guest_memory_pb2, machine_pb2
 
 RPC_FIELDS = {"method": "/pagefusion.v1.MachineService/GetMachine",
               "request_id": 'r-"7"\\\n\u00e9', "code": "NOT_FOUND", "duration_ms": 0.125}
@@ -155,14 +156,21 @@ def test_an_rpc_line_per_call_through_the_fast_path(api, stderr: io.StringIO) ->
         api.machines.GetMachine(machine_pb2.GetMachineRequest(name="machines/ghost"),
                                 metadata=[("x-request-id", "r-9")])
     api.fusion.GetFusionStats(fusion_pb2.GetFusionStatsRequest())
+    # The same method again (its wrapped handler is kept): each call's own id.
+    api.fusion.GetFusionStats(fusion_pb2.GetFusionStatsRequest(),
+                              metadata=[("x-request-id", "s-1")])
+    api.fusion.GetFusionStats(fusion_pb2.GetFusionStatsRequest())
     rpcs = [json.loads(line) for line in stderr.getvalue().splitlines()
             if '"event": "rpc"' in line]
+    stats = "/pagefusion.v1.FusionService/GetFusionStats"
     assert [(r["method"], r["code"], r["level"]) for r in rpcs] == [
         ("/pagefusion.v1.MachineService/GetMachine", "NOT_FOUND", "info"),
-        ("/pagefusion.v1.FusionService/GetFusionStats", "OK", "info"),
+        (stats, "OK", "info"), (stats, "OK", "info"), (stats, "OK", "info"),
     ]
-    assert rpcs[0]["request_id"] == "r-9"
-    assert uuid.UUID(hex=rpcs[1]["request_id"]).version == 4
+    ids = [r["request_id"] for r in rpcs]
+    assert ids[0] == "r-9" and ids[2] == "s-1"
+    assert uuid.UUID(hex=ids[1]).version == 4 and uuid.UUID(hex=ids[3]).version == 4
+    assert len(set(ids)) == 4
     assert all(r["duration_ms"] >= 0 for r in rpcs)
 
 
@@ -192,3 +200,21 @@ def test_stats_responses_equal_the_field_by_field_message() -> None:
         assert built == stats_to_proto(stats)
         assert [m.name for m in built.machines] == sorted(m.name for m in built.machines)
     assert len(builder.build(steps[3]).machines[2].SerializeToString()) > 127
+
+
+def test_names_seen_before_answer_as_the_first_time(api, expect_failure) -> None:
+    api.create("vm")
+    api.start("vm")
+    good = guest_memory_pb2.ReadGuestMemoryRequest(name="machines/vm", address=0, length=0)
+    for _ in range(2):  # the second call takes the kept id: the same error, naming the machine
+        failure = expect_failure(api.guest.ReadGuestMemory, good, grpc.StatusCode.INVALID_ARGUMENT)
+        assert failure.field_violations() == ["length"]
+        info = failure.detail(error_details_pb2.ErrorInfo)
+        assert info.metadata["resource"] == "machines/vm"
+    bad = guest_memory_pb2.GetPageInfoRequest(name="machines/Not_An_Id")
+    for _ in range(2):  # malformed names are never kept
+        failure = expect_failure(api.guest.GetPageInfo, bad, grpc.StatusCode.INVALID_ARGUMENT)
+        assert failure.field_violations() == ["name"]
+    api.stop("vm")
+    stopped = guest_memory_pb2.GetPageInfoRequest(name="machines/vm")
+    expect_failure(api.guest.GetPageInfo, stopped, grpc.StatusCode.FAILED_PRECONDITION)
