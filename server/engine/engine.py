@@ -797,11 +797,16 @@ class FusionEngine:
         """
         with self._lock:
             machine = self._running(machine_id)
+            lo = address % PAGE_SIZE
+            if 0 < length <= PAGE_SIZE - lo and address >= 0:  # one page: no arrays
+                page = machine.index_of(address)
+                if page >= 0:
+                    start = int(machine.map[page]) * PAGE_SIZE + lo
+                    return bytes(self._arena[start : start + length])
             if length == 0:
                 machine.span(address, 0)
                 return b""
             pages = machine.span(address, length)
-            lo = address % PAGE_SIZE
             if len(pages) == 1:
                 start = int(machine.map[pages[0]]) * PAGE_SIZE + lo
                 return bytes(self._arena[start : start + length])
