@@ -1278,17 +1278,22 @@ class FusionEngine:
 
     def _machine_stats(self, machine: _Machine) -> MachineStats:
         # O(1): the frame table keeps each machine's counts as they change.
-        private = int(self._frames.private[machine.slot])
-        shared = int(self._frames.shared[machine.slot])
-        return MachineStats(
-            starting=not machine.running,
-            source_error=machine.source_error or "",
-            machine_id=machine.machine_id,
-            guest_pages=machine.ingested,
-            zero_pages=machine.ingested - private - shared,
-            private_pages=private,
-            shared_pages=shared,
-            volatile_pages=machine.volatile_pages(self._config.stable_scans_before_merge),
+        private = self._frames.private[machine.slot]
+        shared = self._frames.shared[machine.slot]
+        volatile = (
+            machine.volatile_pages(self._config.stable_scans_before_merge)
+            if machine.stable is not None
+            else 0
+        )
+        return MachineStats(  # positional: the fields' order in types.py
+            machine.machine_id,
+            machine.ingested,
+            machine.ingested - private - shared,
+            private,
+            shared,
+            volatile,
+            not machine.running,
+            machine.source_error or "",
         )
 
     def stats(self) -> FusionStats:
@@ -1298,25 +1303,32 @@ class FusionEngine:
         """
         with self._lock:
             # Machines still starting are included (flagged): their pages
-            # already hold frames, and the host figures count them.
+            # already hold frames, and the host figures count them. One
+            # pass over the machines: this is on GetFusionStats's path.
             machines = tuple(self._machine_stats(self._machines[k]) for k in sorted(self._machines))
-            used = self._frames.frames_used
-            frames_shared = self._frames.frames_shared
-            shared = sum(m.shared_pages for m in machines)
+            guest = zero = private = shared = volatile = 0
             metadata = self._pool.metadata_bytes + self._frames.nbytes + self._modules.nbytes
-            metadata += sum(i.nbytes for i in self._indexes.values())
+            for ms in machines:
+                guest += ms.guest_pages
+                zero += ms.zero_pages
+                private += ms.private_pages
+                shared += ms.shared_pages
+                volatile += ms.volatile_pages
+            for index in self._indexes.values():
+                metadata += index.nbytes
             for m in self._machines.values():
                 metadata += m.map.nbytes + (m.stable.nbytes if m.stable is not None else 0)
+            frames_shared = self._frames.frames_shared
             host = HostStats(
-                guest_pages=sum(m.guest_pages for m in machines),
-                zero_pages=sum(m.zero_pages for m in machines),
-                private_pages=sum(m.private_pages for m in machines),
+                guest_pages=guest,
+                zero_pages=zero,
+                private_pages=private,
                 shared_pages=shared,
-                frames_used=used,
+                frames_used=self._frames.frames_used,
                 frames_shared=frames_shared,
                 pages_saved=shared - frames_shared,
                 frames_free=self._pool.free_frames,
-                volatile_pages=sum(m.volatile_pages for m in machines),
+                volatile_pages=volatile,
                 full_scans=self._full_scans,
                 metadata_bytes=metadata,
                 pool_bytes_reserved=self._pool.reserved_bytes,
