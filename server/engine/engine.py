@@ -79,13 +79,16 @@ Locking: one engine lock (re-entrant) guards the maps, the frame table, the
 indexes and the module registry. Sources are read outside it (ingest and
 scans), and each batch is applied under it; a scan's live read that raced
 a guest write (machine.writes moved) is read again, so older bytes never
-undo a newer write. The fusion config and the set of running machines are
-read without the lock (they are replaced, never changed in place), so the
-event loop's background scanner and metrics sampler never wait for a
-batch. Flag rules: INDEXED means the frame has exactly one
-entry in force in its domain's index, under the hash of what it holds now
-(it is cleared before the content changes or the frame is freed); HINTED
-means some module position names it as canonical (cleared the same way).
+undo a newer write. Scans run one at a time (a source reuses its read
+buffer, so two reading one machine could swap each other's bytes). The
+fusion config and the set of running machines are read without the lock
+(they are replaced, never changed in place), so the event loop's
+background scanner and metrics sampler never wait for a batch.
+
+Flag rules: INDEXED means the frame has exactly one entry in force in its
+domain's index, under the hash of what it holds now (it is cleared before
+the content changes or the frame is freed); HINTED means some module
+position names it as canonical (cleared the same way).
 
 verify() (VerifyFusion; verify.py) recounts all of this from the page maps
 alone and names every disagreement. It copies the bookkeeping under the
@@ -294,6 +297,7 @@ class FusionEngine:
         huge_pages: bool = False,
     ) -> None:
         self._lock = threading.RLock()
+        self._scan_lock = threading.Lock()  # taken before _lock, never while holding it
         limit = max_pool_bytes if max_pool_bytes is not None else host_memory_bytes()
         self._pool = FramePool(max(1, limit // PAGE_SIZE), huge_pages=huge_pages)
         self._frames = FrameTable(self._pool, self._forget_frames)
@@ -1065,6 +1069,13 @@ class FusionEngine:
             ResourceExhaustedError: a changed page needed a frame the budget
                 does not have.
         """
+        # One scan at a time: a source reads into a buffer it reuses, so two
+        # scans reading one machine at once could each apply the other's
+        # bytes to their own pages (RunScan beside the background scanner).
+        with self._scan_lock:
+            return self._scan(machine_ids, page_budget)
+
+    def _scan(self, machine_ids: Sequence[str] | None, page_budget: int | None) -> ScanResult:
         with self._lock:
             if machine_ids:
                 targets = [self._running(mid) for mid in dict.fromkeys(machine_ids)]

@@ -1,5 +1,6 @@
 import contextlib
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -592,3 +593,49 @@ def test_the_last_machine_of_a_domain_stops_without_hashing_its_frames(monkeypat
     assert e.page_info("c", 0).share_count == 2
     assert e.verify().consistent
     assert_identity(e)
+
+
+class _OneBufferLiveMemory(FakeMemory):
+    """A live source that reads into one buffer it reuses, like the shm adapter,
+    and is slow to do it: concurrent reads of it overwrite each other's bytes."""
+
+    def __init__(self, ranges) -> None:
+        super().__init__(ranges, live=True)
+        self._buffer = bytearray()
+        self.slow = False
+        self.reading = threading.Event()
+
+    def read(self, address: int, length: int) -> memoryview:
+        data = super().read(address, length)
+        if len(self._buffer) < length:
+            self._buffer = bytearray(length)
+        self._buffer[:length] = data
+        if self.slow:  # a scan: give the other scan time to read over us
+            self.reading.set()
+            time.sleep(0.2)
+        return memoryview(self._buffer)[:length]
+
+
+def test_concurrent_scans_of_a_live_source_never_mix_their_reads():
+    from pagefusion.server.engine.engine import BATCH_PAGES
+
+    pages = 2 * BATCH_PAGES  # two batches: the two scans read different ones
+    mem = _OneBufferLiveMemory([(0, image(*(page(1 + i % 200, marker=i) for i in range(pages))))])
+    e = engine(max_pool_bytes=256 << 20)
+    e.start_machine("a", mem, page_fusion=True)
+    for i in range(pages):  # the guest writes every page behind the engine's back
+        mem.write(i * PAGE, page(7, marker=i + 1000))
+    mem.slow = True
+    first = threading.Thread(target=e.scan, kwargs={"page_budget": BATCH_PAGES})
+    first.start()
+    mem.reading.wait()  # the first scan is reading batch 0; the second starts at batch 1
+    e._scan_cursor = ("a", BATCH_PAGES)
+    second = threading.Thread(target=e.scan, kwargs={"page_budget": BATCH_PAGES})
+    second.start()
+    first.join()
+    second.join()
+    mem.slow = False
+    # The two scans covered a batch each; a third would repair a wrong read.
+    for i in range(0, pages, 97):
+        assert e.read("a", i * PAGE, PAGE) == page(7, marker=i + 1000), f"page {i}"
+    assert e.verify().consistent
