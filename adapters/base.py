@@ -114,7 +114,8 @@ class GuestMemory:
 
     def idle(self) -> None:
         """Optional: the engine finished a pass over this memory (ingest or a
-        scan); drop scratch buffers kept for reads. Reads may follow later."""
+        scan) and no read of it is under way; drop scratch buffers kept for
+        reads. Reads may follow later."""
 
     def close(self) -> None:
         """Release files, mappings and segments. Called exactly once."""

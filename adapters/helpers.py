@@ -50,8 +50,10 @@ def read_buffer(nbytes: int) -> np.ndarray:
     """A uint8 buffer of ``nbytes`` for the kernel to read into (``os.preadv``).
 
     Give it back with :func:`give_back_buffer` when a pass is over (the
-    source's ``idle``) or at close: the next source's reads then find its
-    pages resident instead of faulting them in again.
+    source's ``idle``, which the engine calls when no read of the source is
+    under way), never at close (a stop does not wait for a scan's read): the
+    next source's reads then find its pages resident instead of faulting
+    them in again.
 
     Backed by 4 KiB pages: numpy advises large arrays as transparent huge
     pages, and measured on this project's VMs a read into a huge-page buffer

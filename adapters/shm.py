@@ -176,7 +176,10 @@ class ShmGuestMemory(GuestMemory):
         if self._closed:
             return
         self._closed = True
-        self.idle()
+        # Not given back: a scan may still be reading into it on another
+        # thread (a stop does not wait for it), and the next reader must not
+        # get a buffer that a read can still write into.
+        self._buffer = np.empty(0, dtype=np.uint8)
         if self._view is not None and self._map is not None:
             self._view.release()
             with contextlib.suppress(BufferError):  # a caller's view keeps it until dropped

@@ -849,7 +849,7 @@ class SyntheticWindowsMemory(GuestMemory):
 
     def close(self) -> None:
         self._closed = True
-        self.idle()
+        self._buffer = np.empty(0, dtype=np.uint8)  # not given back: see ShmGuestMemory.close
 
 
 class SyntheticWindowsAdapter(Adapter):

@@ -194,3 +194,14 @@ def test_a_source_between_passes_holds_no_read_buffer_and_the_next_reuses_it(
     assert (np.frombuffer(a.read(MiB, MiB), np.uint8) == 1).all()  # reads go on after idle
     a.close()
     b.close()
+
+
+def test_a_closed_source_gives_no_buffer_a_read_may_still_fill(tmp_path: Path) -> None:
+    from pagefusion.adapters.helpers import read_buffer
+
+    path = tmp_path / "a.ram"
+    path.write_bytes(b"\x01" * MiB)
+    a = _open(path)
+    in_flight = np.frombuffer(a.read(0, MiB), np.uint8)  # as if a scan were still reading
+    a.close()  # a stop does not wait for that read
+    assert read_buffer(MiB).ctypes.data != in_flight.ctypes.data
