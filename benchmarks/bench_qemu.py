@@ -415,7 +415,13 @@ def _pf_start(sources: Sequence[Callable[[], Any]], repeats: int) -> dict[str, A
 
 
 def _load(path: Path) -> np.ndarray:
-    return np.fromfile(path, dtype=np.uint8).reshape(-1, PAGE)
+    """The RAM file's bytes, page aligned as guest RAM is (see adapters.helpers.page_aligned)."""
+    from pagefusion.adapters.helpers import page_aligned
+
+    out = page_aligned(path.stat().st_size)
+    with open(path, "rb") as f:
+        f.readinto(memoryview(out))
+    return out.reshape(-1, PAGE)
 
 
 def run(
