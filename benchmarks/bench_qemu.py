@@ -364,6 +364,8 @@ class RealGuests:
     per_guest_nonzero: list[int] = field(default_factory=list)
     pf_shm: dict[str, Any] = field(default_factory=dict)
     pf_mem: dict[str, Any] = field(default_factory=dict)
+    #: the user's path: a fresh server each run, StartMachine of all guests over gRPC
+    pf_grpc: dict[str, Any] = field(default_factory=dict)
     ksm: list[bench_ksm.KsmResult] = field(default_factory=list)
     ksm_skipped: str = ""
     unchanged: bool | None = None
@@ -411,6 +413,57 @@ def _pf_start(sources: Sequence[Callable[[], Any]], repeats: int) -> dict[str, A
         "host": host,
         "savings": host.pages_saved + host.zero_pages,
         "curve": curve,
+    }
+
+
+def _server_cpu(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _pf_grpc_cold(paths: Sequence[Path], repeats: int) -> dict[str, Any]:
+    """The user's path: a fresh ``pagefusion-server`` subprocess per run, the
+    guests created with the ``shm`` adapter on their RAM files, then
+    StartMachine of each over gRPC; wall time of the StartMachine calls and
+    the server's CPU time (user + system, /proc), median of ``repeats``."""
+    import grpc
+
+    from pagefusion.clients.testing import run_server
+    from pagefusion.v1 import fusion_pb2, fusion_pb2_grpc, machine_pb2, machine_pb2_grpc
+
+    walls, cpus, saved = [], [], []
+    for _ in range(repeats):
+        with run_server(allow_dir=SHM) as server, grpc.insecure_channel(server.address) as ch:
+            machines = machine_pb2_grpc.MachineServiceStub(ch)
+            for i, path in enumerate(paths):
+                machine = machine_pb2.Machine(
+                    page_fusion_enabled=True,
+                    memory_source=machine_pb2.MemorySource(
+                        adapter="shm", options={"path": str(path)}
+                    ),
+                )
+                machines.CreateMachine(
+                    machine_pb2.CreateMachineRequest(machine_id=f"real{i}", machine=machine)
+                )
+            c0 = _server_cpu(server.pid)
+            t0 = time.perf_counter()
+            for i in range(len(paths)):
+                machines.StartMachine(
+                    machine_pb2.StartMachineRequest(name=f"machines/real{i}"), timeout=600
+                )
+            walls.append(time.perf_counter() - t0)
+            cpus.append(_server_cpu(server.pid) - c0)
+            host = fusion_pb2_grpc.FusionServiceStub(ch).GetFusionStats(
+                fusion_pb2.GetFusionStatsRequest()
+            ).host
+            saved.append(host.pages_saved + host.zero_pages)
+    return {
+        "wall": statistics.median(walls),
+        "walls": walls,
+        "cpu": statistics.median(cpus),
+        "savings": saved[-1],
+        "same_savings": len(set(saved)) == 1,
     }
 
 
@@ -499,6 +552,8 @@ def run(
         log("[qemu] pagefusion: shm adapter, then bytes in memory")
         out.pf_shm = _pf_start([shm_source(p) for p in paths], repeats)
         out.pf_mem = _pf_start([mem_source(s) for s in snapshot], repeats)
+        log("[qemu] pagefusion: a fresh server, StartMachine over gRPC (cold)")
+        out.pf_grpc = _pf_grpc_cold(paths, repeats)
         log(
             f"[qemu]   shm {out.pf_shm['wall']:.3f} s, in memory {out.pf_mem['wall']:.3f} s, "
             f"savings {out.pf_shm['savings']} pages (expected {out.pages - out.distinct})"
@@ -558,8 +613,10 @@ def _main() -> None:
     r = run(
         args.guests, args.mib * MiB, ksm_configs=configs, ksm_skip_reason=skip, accel=args.accel
     )
-    summary = {k: v for k, v in r.__dict__.items() if k not in ("pf_shm", "pf_mem", "ksm")}
-    for key in ("pf_shm", "pf_mem"):
+    summary = {
+        k: v for k, v in r.__dict__.items() if k not in ("pf_shm", "pf_mem", "pf_grpc", "ksm")
+    }
+    for key in ("pf_shm", "pf_mem", "pf_grpc"):
         d = getattr(r, key)
         summary[key] = {k: d[k] for k in ("wall", "walls", "cpu", "savings")} if d else {}
     summary["ksm"] = [
