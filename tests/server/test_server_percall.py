@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
 import re
 import sys
 import uuid
@@ -218,3 +219,17 @@ def test_names_seen_before_answer_as_the_first_time(api, expect_failure) -> None
     api.stop("vm")
     stopped = guest_memory_pb2.GetPageInfoRequest(name="machines/vm")
     expect_failure(api.guest.GetPageInfo, stopped, grpc.StatusCode.FAILED_PRECONDITION)
+
+
+def test_a_forked_child_mints_other_request_ids() -> None:
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: its next ids, then out without pytest's teardown
+        os.write(write_end, "".join(new_request_id() for _ in range(4)).encode())
+        os._exit(0)
+    os.close(write_end)
+    os.waitpid(pid, 0)
+    with os.fdopen(read_end, "rb") as pipe:
+        child = pipe.read().decode()
+    parent = "".join(new_request_id() for _ in range(4))
+    assert len(child) == len(parent) == 128 and child != parent
