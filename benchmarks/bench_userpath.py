@@ -1,7 +1,8 @@
 """The user's path (issue 11): a fresh server, over gRPC, against bare gRPC.
 
     python benchmarks/bench_userpath.py [--guest-mib 256] [--repeats 3] [--growth 1,2,4,8]
-        [--overhead-gib 4] [--overhead-rounds 1] [--only cold,overhead,growth]
+        [--overhead-gib 4] [--overhead-rounds 1] [--overhead-seconds 3]
+        [--only cold,overhead,growth]
 
 1. Cold against warm: a fresh ``pagefusion-server`` subprocess starts two
    guests (their RAM as files in /dev/shm through the ``shm`` adapter, the
@@ -143,10 +144,31 @@ async def rate(address: str, what: str, clients: int = 50, seconds: float = 3.0)
     return done / elapsed
 
 
+def settle(pid: int, limit: float = 60.0) -> float:
+    """Wait until process ``pid`` is idle (under 5% of a CPU for 0.5 s); returns seconds waited.
+
+    After a start the server may still be working (the pool's prefault
+    thread filling its reserve, memory given back): measured calls would
+    share the CPU with that instead of showing their own cost.
+    """
+    start = time.perf_counter()
+    while time.perf_counter() - start < limit:
+        before = cpu_seconds(pid)
+        time.sleep(0.5)
+        if cpu_seconds(pid) - before < 0.025:
+            break
+    return time.perf_counter() - start
+
+
 def overhead(
-    paths: list[Path], gib_running: int, rounds: int = 1
-) -> list[tuple[str, float, float]]:
-    """Calls/s of ours and of bare health per call, each the median of ``rounds`` pairs."""
+    paths: list[Path], gib_running: int, rounds: int = 1, seconds: float = 3.0
+) -> list[tuple[str, float, float, float]]:
+    """Per call: calls/s of ours, of bare health, and ours / bare.
+
+    Each is the median over ``rounds`` pairs of ``seconds``-long windows
+    (bare, then ours at once): the ratio is the median of the pairs' own
+    ratios, so load that comes and goes between pairs cancels out.
+    """
     bare = subprocess.Popen([sys.executable, "-c", BARE_SERVER], stdout=subprocess.PIPE, text=True)
     try:
         assert bare.stdout is not None
@@ -163,13 +185,15 @@ def overhead(
                 machines.CreateMachine(mpb.CreateMachineRequest(
                     machine_id=f"big{i}", machine=machine))
                 start_all(machines, [f"big{i}"])
+            settle(server.pid)
             rows = []
             for what in ("health", "GetPageInfo", "ReadGuestMemory", "GetFusionStats"):
                 bases, ours = [], []
                 for _ in range(rounds):  # bare just before ours: the same minutes
-                    bases.append(asyncio.run(rate(bare_address, "health")))
-                    ours.append(asyncio.run(rate(server.address, what)))
-                rows.append((what, statistics.median(ours), statistics.median(bases)))
+                    bases.append(asyncio.run(rate(bare_address, "health", seconds=seconds)))
+                    ours.append(asyncio.run(rate(server.address, what, seconds=seconds)))
+                ratio = statistics.median(o / b for o, b in zip(ours, bases, strict=True))
+                rows.append((what, statistics.median(ours), statistics.median(bases), ratio))
             return rows
     finally:
         bare.terminate()
@@ -214,6 +238,7 @@ def run(
     ksm: dict[str, tuple[float | None, float | None]] | None = None,
     only: tuple[str, ...] = SECTIONS,
     overhead_rounds: int = 1,
+    overhead_seconds: float = 3.0,
 ) -> str:
     """The measurements in ``only`` as markdown; ``ksm``: label -> (t99, cpu) from the same run."""
     md: list[str] = []
@@ -222,7 +247,7 @@ def run(
         if "cold" in only:
             md += cold_section(paths, guest_mib, repeats, ksm)
         if "overhead" in only:
-            md += overhead_section(paths, overhead_gib, overhead_rounds)
+            md += overhead_section(paths, overhead_gib, overhead_rounds, overhead_seconds)
         if "growth" in only:
             md += growth_section(growth_steps)
     finally:
@@ -261,18 +286,21 @@ def cold_section(
     return md
 
 
-def overhead_section(paths: list[Path], overhead_gib: int, rounds: int = 1) -> list[str]:
+def overhead_section(
+    paths: list[Path], overhead_gib: int, rounds: int = 1, seconds: float = 3.0
+) -> list[str]:
     md: list[str] = []
-    over = overhead(paths, overhead_gib, rounds)
+    over = overhead(paths, overhead_gib, rounds, seconds)
     each = "just before each row" if rounds == 1 else (
-        f"just before each of ours; medians of {rounds} such pairs")
+        f"just before each of ours; medians of {rounds} such pairs of {seconds:g} s, "
+        "the ratio the median of the pairs' ratios")
     md.append(f"\n### Per-call overhead: 50 grpc.aio clients on loopback, {overhead_gib} GiB "
               "of guests running, against a bare grpc.aio server with only the health "
               f"service (measured {each})\n")
     md.append("| call | pagefusion calls/s | bare grpc.aio health calls/s | ratio |")
     md.append("|---|---|---|---|")
-    for what, ours, base in over:
-        md.append(f"| {what} | {ours:,.0f} | {base:,.0f} | {ours / base:.2f} |")
+    for what, ours, base, ratio in over:
+        md.append(f"| {what} | {ours:,.0f} | {base:,.0f} | {ratio:.2f} |")
     return md
 
 
@@ -300,6 +328,8 @@ def main() -> None:
     parser.add_argument("--growth", default="1,2,4,8")
     parser.add_argument("--overhead-rounds", type=int, default=1,
                         help="pairs of 3 s measurements (bare, ours) per call; medians shown")
+    parser.add_argument("--overhead-seconds", type=float, default=3.0,
+                        help="length of each measurement window (default: %(default)s)")
     parser.add_argument("--only", default=",".join(SECTIONS),
                         help="comma-separated sections to run (default: %(default)s)")
     args = parser.parse_args()
@@ -310,7 +340,7 @@ def main() -> None:
         parser.error(f"--only: unknown section(s) {', '.join(unknown)} "
                      f"(sections: {', '.join(SECTIONS)})")
     print(run(args.guest_mib, args.repeats, args.overhead_gib, steps, only=only,
-              overhead_rounds=args.overhead_rounds))
+              overhead_rounds=args.overhead_rounds, overhead_seconds=args.overhead_seconds))
 
 
 if __name__ == "__main__":
