@@ -109,9 +109,22 @@ class StatsResponses:
 
     def __init__(self) -> None:
         self._parts: dict[HostStats | MachineStats, bytes] = {}
+        self._last: tuple[FusionStats, pb.GetFusionStatsResponse] | None = None
 
     def build(self, stats: FusionStats) -> pb.GetFusionStatsResponse:
-        """The response for ``stats``: equal to ``stats_to_proto(stats)``."""
+        """The response for ``stats``: equal to ``stats_to_proto(stats)``.
+
+        Stats equal to the last ones get the last response itself (grpc only
+        serialises a response; nothing changes it afterwards).
+        """
+        last = self._last
+        if last is not None and last[0] == stats:
+            return last[1]
+        response = self._build(stats)
+        self._last = (stats, response)
+        return response
+
+    def _build(self, stats: FusionStats) -> pb.GetFusionStatsResponse:
         known = self._parts
         parts: dict[HostStats | MachineStats, bytes] = {}
         host = known.get(stats.host)

@@ -200,6 +200,10 @@ def test_stats_responses_equal_the_field_by_field_message() -> None:
         built = builder.build(stats)
         assert built == stats_to_proto(stats)
         assert [m.name for m in built.machines] == sorted(m.name for m in built.machines)
+    again = FusionStats(_host(0), (_machine("a", 0),))  # equal to the last, not the same
+    assert builder.build(again) is builder.build(steps[-1])
+    changed = FusionStats(_host(0), (_machine("a", 1),))
+    assert builder.build(changed) == stats_to_proto(changed) != stats_to_proto(again)
     assert len(builder.build(steps[3]).machines[2].SerializeToString()) > 127
 
 
