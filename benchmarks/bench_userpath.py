@@ -304,9 +304,14 @@ def overhead_section(
     return md
 
 
+#: The last growth measurement's rows (GiB running, s per GiB, stats p50), for plots.
+LAST_GROWTH: list[tuple[int, float, float]] = []
+
+
 def growth_section(growth_steps: list[int]) -> list[str]:
     md: list[str] = []
     grow = growth(growth_steps)
+    LAST_GROWTH[:] = grow
     md.append("\n### Growth: synthetic Windows 10 guests of 1 GiB started over gRPC, one "
               "after another\n")
     md.append("| GiB running | seconds per GiB started | GetFusionStats p50 |")
