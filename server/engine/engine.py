@@ -162,6 +162,53 @@ _SCAN_READ_TRIES = 3
 T = TypeVar("T")
 
 
+class _Reading:
+    """Holds the engine lock for a read-only path: the version stays."""
+
+    __slots__ = ("_lock",)
+
+    def __init__(self, lock: threading.RLock) -> None:
+        self._lock = lock
+
+    def __enter__(self) -> None:
+        self._lock.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self._lock.release()
+
+
+class _VersionedLock:
+    """The engine lock (re-entrant), counting its holds.
+
+    Every ``with lock:`` moves ``version`` before the holder can change
+    anything, so state read under the lock at one version is the state
+    until the version moves: stats() keeps its last answer for that long.
+    Paths that only read hold it through ``reading`` and leave the version
+    alone; one that forgets costs a recount, never a stale figure.
+    """
+
+    __slots__ = ("_lock", "reading", "version")
+
+    def __init__(self) -> None:
+        self._lock = threading.RLock()
+        self.reading = _Reading(self._lock)
+        self.version = 0
+
+    def __enter__(self) -> None:
+        self._lock.acquire()
+        self.version += 1
+
+    def __exit__(self, *exc: object) -> None:
+        self._lock.release()
+
+    def acquire(self, blocking: bool = True) -> bool:
+        """Take the lock without moving the version (run_if_free: its call takes it again)."""
+        return self._lock.acquire(blocking)
+
+    def release(self) -> None:
+        self._lock.release()
+
+
 class _Busy:
     """The engine was busy: see FusionEngine.run_if_free."""
 
@@ -296,7 +343,8 @@ class FusionEngine:
         config: FusionConfig | None = None,
         huge_pages: bool = False,
     ) -> None:
-        self._lock = threading.RLock()
+        self._lock = _VersionedLock()
+        self._last_stats: tuple[int, FusionStats] | None = None  # (lock version, stats)
         self._scan_lock = threading.Lock()  # taken before _lock, never while holding it
         limit = max_pool_bytes if max_pool_bytes is not None else host_memory_bytes()
         self._pool = FramePool(max(1, limit // PAGE_SIZE), huge_pages=huge_pages)
@@ -464,7 +512,7 @@ class FusionEngine:
 
     def modules(self, machine_id: str) -> Sequence[GuestModule]:
         """The modules the machine's source reports (a guest agent's view)."""
-        with self._lock:
+        with self._lock.reading:
             machine = self._running(machine_id)
             return tuple(machine.memory.modules())
 
@@ -791,6 +839,14 @@ class FusionEngine:
         self._index(domain).remove((hashes[:, 0] >> np.uint64(32)).astype(np.uint32), frames)
         self._frames.indexed.clear(frames)
 
+    def _unindex_one(self, frame: int, domain: str) -> None:
+        """_unindex for one frame without numpy arrays (a write to a PRIVATE page)."""
+        digest = mmh3.mmh3_x64_128_digest(self._arena[frame * PAGE_SIZE : (frame + 1) * PAGE_SIZE],
+                                          self._seed)
+        key = int.from_bytes(digest[:8], "little") >> 32  # hashes[:, 0] >> 32, as _unindex
+        self._index(domain).remove_one(key, frame)
+        self._frames.indexed.clear_one(frame)
+
     # -- guest access -------------------------------------------------------
 
     def read(self, machine_id: str, address: int, length: int) -> bytes:
@@ -799,7 +855,7 @@ class FusionEngine:
         Raises:
             MachineNotRunningError, OutOfRangeError.
         """
-        with self._lock:
+        with self._lock.reading:
             machine = self._running(machine_id)
             lo = address % PAGE_SIZE
             if 0 < length <= PAGE_SIZE - lo and address >= 0:  # one page: no arrays
@@ -895,7 +951,7 @@ class FusionEngine:
         start = frame * PAGE_SIZE
         if table.refcount[frame] == 1:
             if table.indexed.test(frame):
-                self._unindex(np.array([frame], dtype=np.uint32), machine.domain)
+                self._unindex_one(frame, machine.domain)
             if table.hinted.test(frame):  # its content changes: no longer canonical
                 self._modules.forget_frames(machine.domain, np.array([frame], dtype=np.uint32))
                 table.hinted.clear_one(frame)
@@ -921,7 +977,7 @@ class FusionEngine:
 
     def page_info(self, machine_id: str, address: int) -> PageInfo:
         """State and share count of the page holding ``address``."""
-        with self._lock:
+        with self._lock.reading:
             machine = self._running(machine_id)
             if address < 0:
                 raise InvalidArgumentError("address must not be negative", field="address")
@@ -938,7 +994,7 @@ class FusionEngine:
 
     def page_sharing_enabled(self, machine_id: str) -> bool:
         """What a guest agent asks first: may this machine share module pages?"""
-        with self._lock:
+        with self._lock.reading:
             machine = self._running(machine_id)
             return machine.page_fusion and self._config.mode.hints
 
@@ -981,7 +1037,7 @@ class FusionEngine:
             self._modules.unregister(machine_id, module)
 
     def registered_modules(self, machine_id: str) -> list[GuestModule]:
-        with self._lock:
+        with self._lock.reading:
             self._running(machine_id)
             return [r.module for r in self._modules.registrations(machine_id)]
 
@@ -1157,7 +1213,7 @@ class FusionEngine:
         return wrapped, scanned, fused, copied
 
     def _source_error(self, machine_id: str) -> str:
-        with self._lock:
+        with self._lock.reading:
             m = self._machines.get(machine_id)
             return (m.source_error or "") if m is not None else ""
 
@@ -1284,7 +1340,7 @@ class FusionEngine:
     # -- figures ------------------------------------------------------------
 
     def machine_stats(self, machine_id: str) -> MachineStats:
-        with self._lock:
+        with self._lock.reading:
             return self._machine_stats(self._running(machine_id))
 
     def _machine_stats(self, machine: _Machine) -> MachineStats:
@@ -1312,7 +1368,10 @@ class FusionEngine:
 
         Costs O(machines), whatever their memory.
         """
-        with self._lock:
+        with self._lock.reading:
+            last = self._last_stats
+            if last is not None and last[0] == self._lock.version:
+                return last[1]  # nothing held the lock to change anything since
             # Machines still starting are included (flagged): their pages
             # already hold frames, and the host figures count them. One
             # pass over the machines: this is on GetFusionStats's path.
@@ -1344,7 +1403,9 @@ class FusionEngine:
                 metadata_bytes=metadata,
                 pool_bytes_reserved=self._pool.reserved_bytes,
             )
-            return FusionStats(host=host, machines=machines)
+            stats = FusionStats(host=host, machines=machines)
+            self._last_stats = (self._lock.version, stats)
+            return stats
 
     # -- verification -------------------------------------------------------
 

@@ -98,6 +98,10 @@ class FusionIndex:
         if len(keys):
             self._pending.append(entries(keys, frames))
 
+    def remove_one(self, key: int, frame: int) -> None:
+        """:meth:`remove` of one (key, frame) entry."""
+        self._pending.append(np.array([(key << 32) | frame], dtype=np.uint64))
+
     def flush(self) -> None:
         """Apply scheduled removals."""
         if not self._pending:

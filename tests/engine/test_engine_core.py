@@ -639,3 +639,37 @@ def test_concurrent_scans_of_a_live_source_never_mix_their_reads():
     for i in range(0, pages, 97):
         assert e.read("a", i * PAGE, PAGE) == page(7, marker=i + 1000), f"page {i}"
     assert e.verify().consistent
+
+
+def test_stats_are_kept_until_something_holds_the_engine_to_change_it():
+    from pagefusion.adapters.base import GuestModule, ModuleRegion
+
+    e = engine()
+    mem = FakeMemory([(0, image(page(1), page(2), page(0)))], live=True)
+    e.start_machine("a", mem, page_fusion=True)
+    first = e.stats()
+    # Reads leave them be.
+    e.read("a", 0, 8)
+    e.page_info("a", PAGE)
+    e.machine_stats("a")
+    assert e.stats() is first
+    changes = [
+        lambda: e.write("a", 2 * PAGE, b"\x05"),  # a zero page becomes private
+        lambda: e.start_machine("b", FakeMemory([(0, image(page(1)))]), page_fusion=True),
+        lambda: mem.write(0, page(9)) or e.scan(),  # the guest wrote behind the engine
+        lambda: e.set_config(FusionConfig(stable_scans_before_merge=3)),
+        lambda: e.register_module(
+            "a",
+            GuestModule("m.dll", "1", 0, PAGE, "Windows10_64", (ModuleRegion(0, PAGE),)),
+        ),
+        lambda: e.stop_machine("b"),
+    ]
+    before = first
+    for change in changes:
+        change()
+        after = e.stats()
+        assert after is not before
+        e._last_stats = None  # a recount from scratch must agree with what was kept
+        assert e.stats() == after
+        before = e.stats()
+    assert_identity(e)
