@@ -72,7 +72,8 @@ def hash_only(data: np.ndarray) -> float:
 
 
 def memcpy(data: np.ndarray) -> float:
-    dst = np.empty_like(data)
+    # Page aligned like the guest (an unequally aligned copy runs at a quarter of the speed).
+    dst = page_aligned(data.nbytes).reshape(data.shape)
     dst[:] = 1  # touched first: this measures the copy, not page faults
     t = time.perf_counter()
     np.copyto(dst, data)

@@ -111,7 +111,7 @@ import mmh3
 import numpy as np
 
 from pagefusion.adapters.base import GuestMemory, GuestModule, InvalidSourceError, MemoryRange
-from pagefusion.adapters.helpers import validate_ranges
+from pagefusion.adapters.helpers import page_aligned, validate_ranges
 from pagefusion.server.engine.errors import (
     AlreadyExistsError,
     FailedPreconditionError,
@@ -128,7 +128,6 @@ from pagefusion.server.engine.pool import (
     MAX_REFCOUNT,
     FramePool,
     host_memory_bytes,
-    page_aligned_zeros,
 )
 from pagefusion.server.engine.types import (
     PAGE_SIZE,
@@ -361,8 +360,8 @@ class FusionEngine:
         self._modules = ModuleRegistry()
         rows = 512  # 2 MiB per scratch buffer
         self._scratch = (  # page aligned, like the frames and sources they copy
-            page_aligned_zeros((rows, PAGE_SIZE // 8), np.uint64),
-            page_aligned_zeros((rows, PAGE_SIZE // 8), np.uint64),
+            page_aligned(rows * PAGE_SIZE).view(np.uint64).reshape(rows, -1),
+            page_aligned(rows * PAGE_SIZE).view(np.uint64).reshape(rows, -1),
             np.zeros((rows, PAGE_SIZE // 8), dtype=bool),
         )
 

@@ -81,19 +81,6 @@ class FrameBits:
         self.bits[frame >> 3] &= ~np.uint8(1 << (frame & 7))
 
 
-def page_aligned_zeros(shape: tuple[int, ...], dtype: type) -> np.ndarray:
-    """A zero-filled array that starts on a page boundary, like every frame.
-
-    For scratch that pages are copied into or out of: a copy between the
-    pool and a malloc'd buffer (16 bytes past a boundary) ran at a quarter
-    of the speed on this project's AMD VMs (the CPU's fast string copy
-    wants source and destination equally aligned). Freed with the array.
-    """
-    nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
-    mapping = mmap.mmap(-1, max(nbytes, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    return np.frombuffer(mapping, dtype=dtype, count=int(np.prod(shape))).reshape(shape)
-
-
 def host_memory_bytes() -> int:
     """Physical memory of this host."""
     return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
