@@ -809,6 +809,18 @@ def pool_metadata(
     return pool + table
 
 
+def map_metadata(machines: Sequence[MachineScan], allocs: Iterable[int]) -> int:
+    """Bytes of the machines' page maps and, for live sources, stable-scan counters.
+
+    A page-map entry takes three bytes while frame ids fit in 24 bits
+    (PageMap); the frames handed out (``allocs``) bound the largest id.
+    """
+    from pagefusion.server.engine.pagemap import entry_bytes
+
+    width = entry_bytes(1 + sum(k for k in allocs if k > 0))
+    return sum(width * m.guest_pages + (m.guest_pages if m.live else 0) for m in machines)
+
+
 def _host_allocs(scan: Sequence[MachineScan], s: Scenario, host: int) -> list[int]:
     allocs: list[int] = []
     offset = 0
@@ -864,9 +876,8 @@ def scenario_hosts(
                 else:
                     pending += 1
         index = 8 * (int(s.indexed[h]) - flushed + pending)
-        maps = sum(4 * scan[i].guest_pages + (scan[i].guest_pages if scan[i].live else 0)
-                   for i in members)
         allocs = _host_allocs(scan, s, h)
+        maps = map_metadata([scan[i] for i in members], allocs)
         metadata = pool_metadata(allocs, pool_bytes, len(members)) + index + maps
         figures = host_figures(scan, guest, zero, frames, int(s.frames_shared[h]), metadata)
         out.append({"machines": [scan[i].spec.name for i in members], **figures})
@@ -992,7 +1003,7 @@ def replay_hints(scan: Sequence[MachineScan], pool_bytes: int) -> dict[str, Any]
     frames_used = total_frames - freed_total
     frames_shared = int(np.count_nonzero(refs >= 2))
     allocs = [int(k) for m in scan for k in m.batch_nonzero.tolist()]
-    maps = sum(4 * m.guest_pages + (m.guest_pages if m.live else 0) for m in scan)
+    maps = map_metadata(scan, allocs)
     metadata = pool_metadata(allocs, pool_bytes, len(scan), free_len) + maps + module_bytes
     machines = []
     for i, m in enumerate(scan):

@@ -35,9 +35,10 @@ The data structures, and why they are shaped this way:
   detach, retarget), and the table updates everything that follows, so the
   figures cost O(machines), not O(guest pages). A frame's last user leaving
   frees it, after the index and the hint path have forgotten it.
-* Guest page maps: per machine one uint32 array, guest page -> frame id
-  (4 bytes per guest page; state is derived: frame 0 is ZERO, refcount 1 is
-  PRIVATE, refcount >= 2 is SHARED). No per-page Python object anywhere.
+* Guest page maps (pagemap.py): per machine, guest page -> frame id, in 3
+  bytes per guest page while frame ids fit in 24 bits (4 after; the map
+  widens itself); state is derived: frame 0 is ZERO, refcount 1 is
+  PRIVATE, refcount >= 2 is SHARED. No per-page Python object anywhere.
 * The fusion index (index.py): per fusion domain, keyed mmh3 128-bit hashes
   of page content (the seed is a secret chosen at start) in sorted numpy
   runs. The index only proposes; a full byte comparison decides. Machines of
@@ -123,6 +124,7 @@ from pagefusion.server.engine.errors import (
 from pagefusion.server.engine.frames import FrameTable
 from pagefusion.server.engine.index import FusionIndex
 from pagefusion.server.engine.modules import ModuleRegistry, module_key, region_pages
+from pagefusion.server.engine.pagemap import PageMap
 from pagefusion.server.engine.pool import (
     CHUNK_FRAMES,
     MAX_REFCOUNT,
@@ -258,7 +260,7 @@ class _Machine:
             self.offsets.append(total)
             total += r.pages
         self.pages = total
-        self.map = np.zeros(total, dtype=np.uint32)
+        self.map = PageMap(total)
         self.ingested = 0
         self.running = False
         self.writes = 0  # guest writes so far: a scan's read that raced one is read again
@@ -563,7 +565,7 @@ class FusionEngine:
         frames = machine.map[: machine.ingested]
         self._frames.detach(machine.slot, frames[frames != 0])
         self._frames.remove_machine(machine.slot)
-        machine.map = np.zeros(0, dtype=np.uint32)
+        machine.map = PageMap(0)
         machine.ingested = 0
         machine.running = False
         del self._machines[machine.machine_id]
@@ -860,14 +862,14 @@ class FusionEngine:
             if 0 < length <= PAGE_SIZE - lo and address >= 0:  # one page: no arrays
                 page = machine.index_of(address)
                 if page >= 0:
-                    start = int(machine.map[page]) * PAGE_SIZE + lo
+                    start = machine.map[page] * PAGE_SIZE + lo
                     return bytes(self._arena[start : start + length])
             if length == 0:
                 machine.span(address, 0)
                 return b""
             pages = machine.span(address, length)
             if len(pages) == 1:
-                start = int(machine.map[pages[0]]) * PAGE_SIZE + lo
+                start = machine.map[int(pages[0])] * PAGE_SIZE + lo
                 return bytes(self._arena[start : start + length])
             rows = self._pool.frames[machine.map[pages]]
             return rows.reshape(-1)[lo : lo + length].tobytes()
@@ -886,7 +888,7 @@ class FusionEngine:
                 if page >= 0:
                     pool = self._pool
                     if pool.used >= pool.max_frames:  # full: only a page needing no frame
-                        frame = int(machine.map[page])
+                        frame = machine.map[page]
                         if frame == 0 or self._frames.refcount[frame] >= 2:
                             # A refusal must come before the write reaches a live source.
                             self._frames.require_room(1)
@@ -934,7 +936,7 @@ class FusionEngine:
         """
         table = self._frames
         arena = self._arena
-        frame = int(machine.map[page])
+        frame = machine.map[page]
         zeros = (chunk if isinstance(chunk, bytes) else bytes(chunk)).count(0) == len(chunk)
         if machine.stable is not None:
             machine.mark_volatile(page)
@@ -983,7 +985,7 @@ class FusionEngine:
             page = machine.index_of(address)
             if page < 0:
                 return PageInfo(PageState.UNMAPPED, 0)
-            frame = int(machine.map[page])
+            frame = machine.map[page]
             if frame == 0:
                 return PageInfo(PageState.ZERO, 0)
             users = self._frames.ref(frame)
@@ -1443,7 +1445,7 @@ class FusionEngine:
                     slot=m.slot,
                     domain=m.domain,
                     page_fusion=m.page_fusion,
-                    map=m.map[: m.ingested].copy(),
+                    map=m.map[: m.ingested],
                     private=int(table.private[m.slot]),
                     shared=int(table.shared[m.slot]),
                     stable=m.stable.copy() if m.stable is not None else None,

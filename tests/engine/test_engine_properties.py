@@ -339,3 +339,33 @@ class CappedEngineModel(EngineModel):
 
 TestCappedEngineModel = CappedEngineModel.TestCase
 TestCappedEngineModel.settings = _model_settings(examples=60, steps=25)
+
+
+class WideMapEngineModel(EngineModel):
+    """The same model with page maps widening at frame id 6 instead of 2^24.
+
+    Maps then widen in the middle of runs (a start, a copy on write, a
+    scan's move), which a real host reaches only past 64 GiB of frames.
+    """
+
+    def __init__(self) -> None:
+        self._patch = pytest.MonkeyPatch()
+        from pagefusion.server.engine import pagemap
+
+        self._patch.setattr(pagemap, "NARROW_LIMIT", 6)
+        super().__init__()
+
+    @invariant()
+    def maps_holding_frame_6_or_more_are_wide(self):
+        for m in self.engine._machines.values():
+            held = m.map[: m.ingested]
+            if len(held) and int(held.max()) >= 6:
+                assert m.map.wide, m.machine_id
+
+    def teardown(self):
+        super().teardown()
+        self._patch.undo()
+
+
+TestWideMapEngineModel = WideMapEngineModel.TestCase
+TestWideMapEngineModel.settings = _model_settings(examples=60, steps=25)
