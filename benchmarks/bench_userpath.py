@@ -1,7 +1,7 @@
 """The user's path (issue 11): a fresh server, over gRPC, against bare gRPC.
 
     python benchmarks/bench_userpath.py [--guest-mib 256] [--repeats 3] [--growth 1,2,4,8]
-        [--overhead-gib 4] [--overhead-rounds 1] [--overhead-seconds 3]
+        [--growth-runs 5] [--overhead-gib 4] [--overhead-rounds 1] [--overhead-seconds 3]
         [--only cold,overhead,growth]
 
 1. Cold against warm: a fresh ``pagefusion-server`` subprocess starts two
@@ -14,7 +14,11 @@
    bare grpc.aio server with only the health service, in the same run:
    health, GetPageInfo, ReadGuestMemory (4 KiB), GetFusionStats.
 3. Growth: guests of 1 GiB started one after another over gRPC: seconds per
-   GiB started and GetFusionStats latency as guest memory grows.
+   GiB started and GetFusionStats latency as guest memory grows. The curve
+   is measured on several fresh servers and each row is the median of the
+   runs (every run is printed too): one run's rows, single starts of a few
+   seconds, moved by 10 to 25% here with the machine's load, more than the
+   growth they are meant to show.
 
 Prints markdown tables; asserts nothing.
 """
@@ -205,7 +209,7 @@ LAST_WARMUP: list[float] = []
 
 
 def growth(steps: list[int]) -> list[tuple[int, float, float]]:
-    """Per step: GiB running, seconds per GiB started, GetFusionStats p50.
+    """One fresh server's curve. Per step: GiB running, seconds per GiB started, stats p50.
 
     A 256 MiB guest is started and stopped first, so the curve shows how the
     cost grows with guest memory, not a fresh server's one-time costs (the
@@ -256,8 +260,15 @@ def run(
     only: tuple[str, ...] = SECTIONS,
     overhead_rounds: int = 1,
     overhead_seconds: float = 3.0,
+    growth_runs: int | None = None,
 ) -> str:
-    """The measurements in ``only`` as markdown; ``ksm``: label -> (t99, cpu) from the same run."""
+    """The measurements in ``only`` as markdown; ``ksm``: label -> (t99, cpu) from the same run.
+
+    ``growth_runs``: fresh servers the growth curve is measured on (default 5,
+    1 for a curve of one step, which has no spread to show).
+    """
+    if growth_runs is None:
+        growth_runs = 5 if len(growth_steps) > 1 else 1
     md: list[str] = []
     paths = write_guests(guest_mib, 2 if "cold" in only else 1)
     try:
@@ -266,7 +277,7 @@ def run(
         if "overhead" in only:
             md += overhead_section(paths, overhead_gib, overhead_rounds, overhead_seconds)
         if "growth" in only:
-            md += growth_section(growth_steps)
+            md += growth_section(growth_steps, growth_runs)
     finally:
         for path in paths:
             path.unlink(missing_ok=True)
@@ -321,27 +332,61 @@ def overhead_section(
     return md
 
 
-#: The last growth measurement's rows (GiB running, s per GiB, stats p50), for plots.
+#: The last growth measurement's rows (GiB running, s per GiB, stats p50), for plots:
+#: medians over the runs.
 LAST_GROWTH: list[tuple[int, float, float]] = []
 
 
-def growth_section(growth_steps: list[int]) -> list[str]:
+def growth_curves(steps: list[int], runs: int) -> list[list[tuple[int, float, float]]]:
+    """:func:`growth` on ``runs`` fresh servers, one after another; warm-ups in LAST_WARMUP."""
+    curves, warmups = [], []
+    for _ in range(runs):
+        curves.append(growth(steps))
+        warmups += LAST_WARMUP
+    LAST_WARMUP[:] = warmups
+    return curves
+
+
+def spread(values: list[float]) -> float:
+    """Largest over smallest, minus one."""
+    return max(values) / min(values) - 1
+
+
+def growth_section(growth_steps: list[int], runs: int = 5) -> list[str]:
     md: list[str] = []
-    grow = growth(growth_steps)
+    load = os.getloadavg()[0]
+    curves = growth_curves(growth_steps, max(1, runs))
+    load_after = os.getloadavg()[0]
+    grow = [
+        (gib, statistics.median(c[i][1] for c in curves),
+         statistics.median(c[i][2] for c in curves))
+        for i, gib in enumerate(growth_steps)
+    ]
     LAST_GROWTH[:] = grow
-    warmup = f"{LAST_WARMUP[0]:.2f} s" if LAST_WARMUP else "not measured"
+    warmup = (
+        f"{statistics.median(LAST_WARMUP):.2f} s, median" if LAST_WARMUP else "not measured"
+    )
     md.append("\n### Growth: synthetic Windows 10 guests of 1 GiB started over gRPC, one "
               "after another\n")
     md.append("After a warm-up start and stop of one 256 MiB guest on the same fresh server "
               f"({warmup}: the server's one-time costs, which the cold rows above measure), "
-              "so the rows show how the cost grows with guest memory.\n")
-    md.append("| GiB running | seconds per GiB started | GetFusionStats p50 |")
-    md.append("|---|---|---|")
-    for gib, per_gib, p50 in grow:
-        md.append(f"| {gib} | {per_gib:.2f} s | {p50 * 1e3:.2f} ms |")
+              "so the rows show how the cost grows with guest memory. The row for 4 GiB "
+              "averages guests 3 and 4, the row for 8 guests 5 to 8. "
+              f"Medians of {len(curves)} runs, each on a fresh server (every run below: "
+              "single starts swing with the machine's load); load average "
+              f"{load:.2f} before, {load_after:.2f} after.\n")
+    md.append("| GiB running | seconds per GiB started (median) | GetFusionStats p50 (median) | "
+              "each run (s per GiB) |")
+    md.append("|---|---|---|---|")
+    for i, (gib, per_gib, p50) in enumerate(grow):
+        each = ", ".join(f"{c[i][1]:.2f}" for c in curves)
+        md.append(f"| {gib} | {per_gib:.2f} s | {p50 * 1e3:.2f} ms | {each} |")
     per = [r[1] for r in grow]
-    md.append(f"\nSeconds per GiB: {min(per):.2f} to {max(per):.2f} "
-              f"({max(per) / min(per) - 1:.0%} spread; target within 15%).")
+    md.append(f"\nSeconds per GiB (medians): {min(per):.2f} to {max(per):.2f} "
+              f"({spread(per):.0%} spread; target within 15%).")
+    if len(curves) > 1:
+        each = ", ".join(f"{spread([r[1] for r in c]):.0%}" for c in curves)
+        md.append(f"Spread of each run alone: {each}.")
     return md
 
 
@@ -352,6 +397,9 @@ def main() -> None:
     parser.add_argument("--overhead-gib", type=int, default=4,
                         help="GiB of guests running while per-call overhead is measured")
     parser.add_argument("--growth", default="1,2,4,8")
+    parser.add_argument("--growth-runs", type=int, default=None,
+                        help="fresh servers the growth curve runs on; rows are medians "
+                        "(default: 5, or 1 for a single step)")
     parser.add_argument("--overhead-rounds", type=int, default=1,
                         help="pairs of 3 s measurements (bare, ours) per call; medians shown")
     parser.add_argument("--overhead-seconds", type=float, default=3.0,
@@ -366,7 +414,8 @@ def main() -> None:
         parser.error(f"--only: unknown section(s) {', '.join(unknown)} "
                      f"(sections: {', '.join(SECTIONS)})")
     print(run(args.guest_mib, args.repeats, args.overhead_gib, steps, only=only,
-              overhead_rounds=args.overhead_rounds, overhead_seconds=args.overhead_seconds))
+              overhead_rounds=args.overhead_rounds, overhead_seconds=args.overhead_seconds,
+              growth_runs=args.growth_runs))
 
 
 if __name__ == "__main__":
