@@ -128,6 +128,7 @@ from pagefusion.server.engine.pagemap import PageMap
 from pagefusion.server.engine.pool import (
     CHUNK_FRAMES,
     MAX_REFCOUNT,
+    MEMCMP,
     FramePool,
     host_memory_bytes,
 )
@@ -668,7 +669,7 @@ class FusionEngine:
         would allocate (and page-fault in) tens of MiB of temporaries each time.
         Runs of consecutive pairs on both sides (a guest matching the frames
         of one like it: frames are handed out in guest-page order) are
-        compared in place, without the two gathers.
+        compared in place, without the two gathers (see _equal_in_place).
         """
         n = len(left_rows)
         out = np.empty(n, dtype=bool)
@@ -678,17 +679,7 @@ class FusionEngine:
             left_rows, np.arange(n) if right_rows is None else right_rows, _RUN_PAIRS
         )
         if len(starts):
-            for lo, hi in zip(starts.tolist(), ends.tolist(), strict=True):
-                first = int(left_rows[lo])
-                other = lo if right_rows is None else int(right_rows[lo])
-                for start in range(0, hi - lo, step):
-                    k = min(step, hi - lo - start)
-                    np.not_equal(
-                        left[first + start : first + start + k],
-                        right[other + start : other + start + k],
-                        out=diff[:k],
-                    )
-                    np.logical_not(diff[:k].any(axis=1), out=out[lo + start : lo + start + k])
+            self._equal_in_place(left, left_rows, right, right_rows, starts, ends, out)
             edges = np.zeros(n + 1, dtype=np.int8)
             edges[starts] = 1
             edges[ends] -= 1
@@ -710,6 +701,48 @@ class FusionEngine:
             np.not_equal(a[:k], other, out=diff[:k])
             np.logical_not(diff[:k].any(axis=1), out=out[start : start + k])
         return out
+
+    def _equal_in_place(
+        self,
+        left: np.ndarray,
+        left_rows: np.ndarray,
+        right: np.ndarray,
+        right_rows: np.ndarray | None,
+        starts: np.ndarray,
+        ends: np.ndarray,
+        out: np.ndarray,
+    ) -> None:
+        """_equal_rows of the runs [starts[i], ends[i]) of consecutive pairs, into ``out``.
+
+        One memcmp per run (a single pass that writes nothing; nearly every
+        run is equal), page by page only through a run that differs.
+        """
+        memcmp = MEMCMP
+        if not (
+            left.flags.c_contiguous
+            and right.flags.c_contiguous
+            and left.strides[0] == right.strides[0] == PAGE_SIZE
+        ):
+            memcmp = None
+        left_at, right_at = left.ctypes.data, right.ctypes.data
+        diff = self._scratch[2]
+        step = len(diff)
+        for lo, hi in zip(starts.tolist(), ends.tolist(), strict=True):
+            first = int(left_rows[lo])
+            other = lo if right_rows is None else int(right_rows[lo])
+            if memcmp is not None and not memcmp(
+                left_at + first * PAGE_SIZE, right_at + other * PAGE_SIZE, (hi - lo) * PAGE_SIZE
+            ):
+                out[lo:hi] = True
+                continue
+            for start in range(0, hi - lo, step):
+                k = min(step, hi - lo - start)
+                np.not_equal(
+                    left[first + start : first + start + k],
+                    right[other + start : other + start + k],
+                    out=diff[:k],
+                )
+                np.logical_not(diff[:k].any(axis=1), out=out[lo + start : lo + start + k])
 
     def _group(
         self, flat: memoryview, words: np.ndarray, rows: np.ndarray

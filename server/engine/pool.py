@@ -46,6 +46,26 @@ MAX_REFCOUNT = 0xFFFF
 _MAP_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000)
 
 
+def _load_memcmp() -> Callable[[int, int, int], int] | None:
+    """libc's memcmp(address, address, length), or None where it cannot be loaded.
+
+    Through PyDLL, which keeps the GIL: one call compares one run of pages
+    (microseconds), less than a hand-over of the GIL would cost.
+    """
+    try:
+        memcmp = ctypes.PyDLL(None).memcmp
+    except (OSError, AttributeError):
+        return None
+    memcmp.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t]
+    memcmp.restype = ctypes.c_int
+    return memcmp  # type: ignore[no-any-return]
+
+
+#: Byte comparison of two spans of memory (the engine's compares of page
+#: runs), or None: the callers fall back to numpy.
+MEMCMP = _load_memcmp()
+
+
 class FrameBits:
     """One bit per frame (an eighth of a byte of metadata per frame)."""
 
