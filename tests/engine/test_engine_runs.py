@@ -1,6 +1,7 @@
 """Compares of runs of pages in place, and frames handed out in guest-page order."""
 
 import numpy as np
+import pytest
 from engine_helpers import PAGE, FakeMemory
 
 import pagefusion.server.engine.engine as engine_module
@@ -51,7 +52,12 @@ def test_a_guest_like_one_before_is_compared_in_runs_and_every_byte_counts(monke
     assert e.read("b", 500 * PAGE, PAGE) == bytes(a[519 * PAGE : 520 * PAGE])
 
 
-def test_equal_rows_in_runs_and_scattered_agree_with_a_plain_compare():
+@pytest.mark.parametrize("memcmp", [True, False], ids=["memcmp", "numpy-only"])
+def test_equal_rows_in_runs_and_scattered_agree_with_a_plain_compare(monkeypatch, memcmp):
+    if not memcmp:  # where libc's memcmp cannot be loaded
+        monkeypatch.setattr(engine_module, "MEMCMP", None)
+    else:
+        assert engine_module.MEMCMP is not None
     e = FusionEngine(max_pool_bytes=16 << 20, hash_seed=5)
     rng = np.random.default_rng(11)
     left = rng.integers(0, 3, (2000, PAGE // 8)).astype(np.uint64)
