@@ -55,6 +55,8 @@ Paths that share pages:
   the AMD VMs this was measured on); zero pages are found vectorised and
   elided; the rest are hashed, grouped inside the
   batch, looked up in the domain's index, confirmed byte by byte and shared.
+  New frames are handed out in guest-page order, so a guest like one seen
+  before matches runs of frames, compared a run at a time.
   All savings exist when start_machine returns, unlike KSM, which needs two
   full passes before it merges anything.
 * Hints (register_module, check_shared_modules; modules.py): VirtualBox's
