@@ -363,18 +363,25 @@ def growth_section(growth_steps: list[int], runs: int = 5) -> list[str]:
         for i, gib in enumerate(growth_steps)
     ]
     LAST_GROWTH[:] = grow
-    warmup = (
-        f"{statistics.median(LAST_WARMUP):.2f} s, median" if LAST_WARMUP else "not measured"
-    )
+    warmup = f"{statistics.median(LAST_WARMUP):.2f} s" if LAST_WARMUP else "not measured"
+    if len(LAST_WARMUP) > 1:
+        warmup += ", median"
     md.append("\n### Growth: synthetic Windows 10 guests of 1 GiB started over gRPC, one "
               "after another\n")
+    spans, before = [], 0
+    for gib in growth_steps:
+        if gib - before > 1:
+            spans.append(f"row {gib}: guests {before + 1} to {gib}")
+        before = gib
+    rows_are = (f" A row averages the guests started since the row before ({'; '.join(spans)})."
+                if spans else "")
+    runs_are = (f"Medians of {len(curves)} runs, each on a fresh server (every run below: "
+                "single starts swing with the machine's load)" if len(curves) > 1
+                else "One run")
     md.append("After a warm-up start and stop of one 256 MiB guest on the same fresh server "
               f"({warmup}: the server's one-time costs, which the cold rows above measure), "
-              "so the rows show how the cost grows with guest memory. The row for 4 GiB "
-              "averages guests 3 and 4, the row for 8 guests 5 to 8. "
-              f"Medians of {len(curves)} runs, each on a fresh server (every run below: "
-              "single starts swing with the machine's load); load average "
-              f"{load:.2f} before, {load_after:.2f} after.\n")
+              f"so the rows show how the cost grows with guest memory.{rows_are} "
+              f"{runs_are}; load average {load:.2f} before, {load_after:.2f} after.\n")
     md.append("| GiB running | seconds per GiB started (median) | GetFusionStats p50 (median) | "
               "each run (s per GiB) |")
     md.append("|---|---|---|---|")
