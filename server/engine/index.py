@@ -12,15 +12,11 @@ with a full byte comparison before sharing, and ignores candidates whose
 frame no longer carries the INDEXED flag (removed entries linger until the
 next insert flushes them, which is why inserts flush first).
 
-A large run also keeps a fence: its every FENCE-th entry. A lookup finds
-its block with ``searchsorted`` over the fence (small: it stays in the
-cache) and then the entry inside the block with a few vectorised halving
-steps. A batch's pages push the runs out of the cache between lookups;
-this way the probes' reads of a run overlap instead of following each
-other down a binary search (measured on these VMs with the cache flushed:
-about half the time of a plain ``searchsorted`` over 0.4 to 1.6 million
-entries, and nearly flat in the run's length). The fence costs 1/FENCE of
-the run's bytes (counted in ``nbytes``).
+Entries are exactly 8 bytes each, runs or not, so the offline estimate
+(clients/estimate.py) counts the index from its entries alone. A fence over
+large runs (every 128th entry, searched first) was tried: it saved about 1%
+of a start at 8 GiB of guests and would have made that count depend on how
+the runs fell, so it is not kept.
 """
 
 from __future__ import annotations
@@ -31,16 +27,12 @@ _LOW = np.uint64(0xFFFFFFFF)
 _SHIFT = np.uint64(32)
 
 
-#: Entries per fence block (a power of two: the halving steps need it).
-FENCE = 128
-#: Runs shorter than this have no fence: they are searched directly.
-FENCED_RUN = 32768
 #: A new run merges into the one before it while that one is at most this
 #: many times as long. Every run costs each batch's lookup one search (about
 #: 0.3 ms for a large one here, whatever its length) and a merge is one
 #: linear pass (sort finds the two sorted halves), so few runs win: at 8
-#: GiB of guests, 3 runs instead of 5, lookups 0.04 s per GiB started
-#: instead of 0.06, with the same merge time.
+#: GiB of guests, 3 runs instead of 5 (with a ratio of 2), with the same
+#: merge time.
 MERGE_RATIO = 8
 
 
@@ -48,38 +40,11 @@ def entries(keys: np.ndarray, frames: np.ndarray) -> np.ndarray:
     return (keys.astype(np.uint64) << _SHIFT) | frames.astype(np.uint64)
 
 
-def _fence(run: np.ndarray) -> np.ndarray | None:
-    """The last entry of each full FENCE block of ``run`` (None for a short run)."""
-    if len(run) < FENCED_RUN:
-        return None
-    return run[FENCE - 1 :: FENCE].copy()
-
-
-def _lower_bound(run: np.ndarray, fence: np.ndarray | None, probe: np.ndarray) -> np.ndarray:
-    """``np.searchsorted(run, probe)`` (int64), through the fence where there is one."""
-    if fence is None:
-        return np.searchsorted(run, probe).astype(np.int64, copy=False)
-    # The block whose last entry is the first >= the probe holds the answer
-    # (or the answer is the block's end: only past the last full block).
-    pos = np.searchsorted(fence, probe).astype(np.int64) * FENCE
-    last = len(run) - 1
-    at = np.empty_like(pos)
-    half = FENCE // 2
-    while half:
-        np.add(pos, half - 1, out=at)
-        np.minimum(at, last, out=at)  # past the end reads the last entry: see below
-        np.add(pos, half, out=pos, where=run[at] < probe)
-        half //= 2
-    # A probe above every entry of a short last block walked past the end.
-    return np.minimum(pos, len(run), out=pos)
-
-
 class FusionIndex:
     """Sorted runs of (key, frame) entries for one fusion domain."""
 
     def __init__(self) -> None:
         self._runs: list[np.ndarray] = []
-        self._fences: list[np.ndarray | None] = []  # one per run: see _fence
         self._pending: list[np.ndarray] = []
 
     def __len__(self) -> int:
@@ -87,11 +52,7 @@ class FusionIndex:
 
     @property
     def nbytes(self) -> int:
-        return (
-            sum(r.nbytes for r in self._runs)
-            + sum(f.nbytes for f in self._fences if f is not None)
-            + sum(p.nbytes for p in self._pending)
-        )
+        return sum(r.nbytes for r in self._runs) + sum(p.nbytes for p in self._pending)
 
     def lookup(self, keys: np.ndarray) -> np.ndarray:
         """For each key, the frame of its first entry (uint32), or 0 if none."""
@@ -99,8 +60,8 @@ class FusionIndex:
         if not len(keys):
             return found
         probe = keys.astype(np.uint64) << _SHIFT
-        for run, fence in zip(self._runs, self._fences, strict=True):
-            pos = _lower_bound(run, fence, probe)
+        for run in self._runs:
+            pos = np.searchsorted(run, probe)
             inside = pos < len(run)
             entry = run[np.minimum(pos, len(run) - 1)]
             take = inside & ((entry >> _SHIFT) == keys) & (found == 0)
@@ -130,8 +91,8 @@ class FusionIndex:
         """Per (key, frame) pair: whether that entry is in force."""
         wanted = entries(keys, frames)
         found = np.zeros(len(wanted), dtype=bool)
-        for run, fence in zip(self._runs, self._fences, strict=True):
-            pos = _lower_bound(run, fence, wanted)
+        for run in self._runs:
+            pos = np.searchsorted(run, wanted)
             inside = pos < len(run)
             found[inside] |= run[pos[inside]] == wanted[inside]
         if self._pending:
@@ -143,12 +104,9 @@ class FusionIndex:
         if not len(keys):
             return
         self._runs.append(np.sort(entries(keys, frames)))
-        self._fences.append(None)
         while len(self._runs) > 1 and len(self._runs[-2]) <= MERGE_RATIO * len(self._runs[-1]):
             last = self._runs.pop()
-            self._fences.pop()
             self._runs[-1] = np.sort(np.concatenate((self._runs[-1], last)), kind="stable")
-        self._fences[-1] = _fence(self._runs[-1])
 
     def remove(self, keys: np.ndarray, frames: np.ndarray) -> None:
         """Schedule entries for removal (applied by :meth:`flush`)."""
@@ -165,16 +123,14 @@ class FusionIndex:
             return
         gone = np.unique(np.concatenate(self._pending))
         self._pending.clear()
-        runs, fences = [], []
-        for run, fence in zip(self._runs, self._fences, strict=True):
+        runs = []
+        for run in self._runs:
             pos = np.searchsorted(run, gone)
             inside = pos < len(run)
             pos = pos[inside]
             pos = pos[run[pos] == gone[inside]]
             if len(pos):
                 run = np.delete(run, pos)
-                fence = _fence(run)
             if len(run):
                 runs.append(run)
-                fences.append(fence)
-        self._runs, self._fences = runs, fences
+        self._runs = runs

@@ -5,7 +5,6 @@ import pytest
 from engine_helpers import PAGE, FakeMemory
 
 import pagefusion.server.engine.engine as engine_module
-import pagefusion.server.engine.index as ix
 from pagefusion.server.engine import FusionEngine, PageState
 
 
@@ -15,8 +14,6 @@ def distinct_pages(n: int, seed: int) -> bytearray:
 
 
 def test_a_guest_like_one_before_is_compared_in_runs_and_every_byte_counts(monkeypatch):
-    # Fences from 64 entries: this small index takes the fenced lookup path too.
-    monkeypatch.setattr(ix, "FENCED_RUN", 64)
     runs: list[int] = []
     find_runs = engine_module._pair_runs
 
