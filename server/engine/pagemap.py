@@ -59,7 +59,7 @@ class PageMap:
     def __getitem__(self, key: _Key) -> np.ndarray: ...
 
     def __getitem__(self, key: int | np.integer | _Key) -> int | np.ndarray:
-        if isinstance(key, (int, np.integer)):
+        if type(key) is int or isinstance(key, np.integer):
             return self._lo_view[key] | self._hi_view[key] << 16
         out = self._hi[key].astype(np.uint32)
         out <<= 16
@@ -67,6 +67,12 @@ class PageMap:
         return out
 
     def __setitem__(self, key: int | np.integer | _Key, frames: _Frames) -> None:
+        if type(frames) is int and type(key) is int:  # one entry: the copy-on-write path
+            if frames >= NARROW_LIMIT:
+                self._widen()
+            self._lo_view[key] = frames & 0xFFFF
+            self._hi_view[key] = frames >> 16
+            return
         if isinstance(frames, (int, np.integer)):
             frames = int(frames)
             if frames >= NARROW_LIMIT:
