@@ -204,17 +204,14 @@ def overhead(
         bare.wait()
 
 
-#: Seconds of the growth run's warm-up start (a fresh server's one-time costs).
-LAST_WARMUP: list[float] = []
-
-
-def growth(steps: list[int]) -> list[tuple[int, float, float]]:
-    """One fresh server's curve. Per step: GiB running, seconds per GiB started, stats p50.
+def growth(steps: list[int]) -> tuple[float, list[tuple[int, float, float]]]:
+    """One fresh server's curve: the warm-up's seconds, and per step GiB running,
+    seconds per GiB started and GetFusionStats p50.
 
     A 256 MiB guest is started and stopped first, so the curve shows how the
     cost grows with guest memory, not a fresh server's one-time costs (the
-    synthetic adapter's template pages, first touches); its time is kept in
-    LAST_WARMUP and reported. The cold path has its own section.
+    synthetic adapter's template pages, first touches); its time is reported.
+    The cold path has its own section.
     """
     rows = []
     with run_server() as server, grpc.insecure_channel(server.address) as ch:
@@ -224,7 +221,7 @@ def growth(steps: list[int]) -> list[tuple[int, float, float]]:
             os_type="Windows10_64", memory_size_bytes=256 << 20, page_fusion_enabled=True,
             memory_source=mpb.MemorySource(adapter="synthetic-windows", options={"seed": "999"}))
         machines.CreateMachine(mpb.CreateMachineRequest(machine_id="warmup", machine=warm))
-        LAST_WARMUP[:] = [start_all(machines, ["warmup"])]
+        warmup = start_all(machines, ["warmup"])
         machines.StopMachine(mpb.StopMachineRequest(name="machines/warmup"))
         started = 0
         for gib in steps:
@@ -245,7 +242,7 @@ def growth(steps: list[int]) -> list[tuple[int, float, float]]:
                 fusion.GetFusionStats(fpb.GetFusionStatsRequest())
                 times.append(time.perf_counter() - s)
             rows.append((gib, per_gib, statistics.median(times)))
-    return rows
+    return warmup, rows
 
 
 SECTIONS = ("cold", "overhead", "growth")
@@ -337,14 +334,12 @@ def overhead_section(
 LAST_GROWTH: list[tuple[int, float, float]] = []
 
 
-def growth_curves(steps: list[int], runs: int) -> list[list[tuple[int, float, float]]]:
-    """:func:`growth` on ``runs`` fresh servers, one after another; warm-ups in LAST_WARMUP."""
-    curves, warmups = [], []
-    for _ in range(runs):
-        curves.append(growth(steps))
-        warmups += LAST_WARMUP
-    LAST_WARMUP[:] = warmups
-    return curves
+def growth_curves(
+    steps: list[int], runs: int
+) -> tuple[list[float], list[list[tuple[int, float, float]]]]:
+    """:func:`growth` on ``runs`` fresh servers, one after another: warm-ups and curves."""
+    results = [growth(steps) for _ in range(runs)]
+    return [w for w, _ in results], [c for _, c in results]
 
 
 def spread(values: list[float]) -> float:
@@ -355,7 +350,7 @@ def spread(values: list[float]) -> float:
 def growth_section(growth_steps: list[int], runs: int = 5) -> list[str]:
     md: list[str] = []
     load = os.getloadavg()[0]
-    curves = growth_curves(growth_steps, max(1, runs))
+    warmups, curves = growth_curves(growth_steps, max(1, runs))
     load_after = os.getloadavg()[0]
     grow = [
         (gib, statistics.median(c[i][1] for c in curves),
@@ -363,8 +358,8 @@ def growth_section(growth_steps: list[int], runs: int = 5) -> list[str]:
         for i, gib in enumerate(growth_steps)
     ]
     LAST_GROWTH[:] = grow
-    warmup = f"{statistics.median(LAST_WARMUP):.2f} s" if LAST_WARMUP else "not measured"
-    if len(LAST_WARMUP) > 1:
+    warmup = f"{statistics.median(warmups):.2f} s"
+    if len(warmups) > 1:
         warmup += ", median"
     md.append("\n### Growth: synthetic Windows 10 guests of 1 GiB started over gRPC, one "
               "after another\n")

@@ -251,6 +251,12 @@ def _pair_runs(left: np.ndarray, right: np.ndarray, shortest: int) -> tuple[np.n
     return bounds[long], bounds[long] + lengths[long]
 
 
+def _rows_equal(x: np.ndarray, y: np.ndarray, diff: np.ndarray, out: np.ndarray) -> None:
+    """out[i] = whether rows x[i] and y[i] are equal (``diff``: scratch of their shape)."""
+    np.not_equal(x, y, out=diff)
+    np.logical_not(diff.any(axis=1), out=out)
+
+
 def _idle(memory: GuestMemory) -> None:
     """Tell a source a pass is over (optional in the interface; never fatal)."""
     idle = getattr(memory, "idle", None)
@@ -675,34 +681,45 @@ class FusionEngine:
         """
         n = len(left_rows)
         out = np.empty(n, dtype=bool)
-        a, b, diff = self._scratch
-        step = len(a)
         starts, ends = _pair_runs(
             left_rows, np.arange(n) if right_rows is None else right_rows, _RUN_PAIRS
         )
-        if len(starts):
-            self._equal_in_place(left, left_rows, right, right_rows, starts, ends, out)
-            edges = np.zeros(n + 1, dtype=np.int8)
-            edges[starts] = 1
-            edges[ends] -= 1
-            rest = np.flatnonzero(np.cumsum(edges[:n]) == 0)
-            if not len(rest):
-                return out
-            # The rest are scattered (in order only by position): gather both sides.
-            right_rows = rest if right_rows is None else right_rows[rest]
-            out[rest] = self._equal_rows(left, left_rows[rest], right, right_rows)
+        if not len(starts):
+            self._equal_gathered(left, left_rows, right, right_rows, out)
             return out
-        for start in range(0, n, step):
-            k = min(step, n - start)
+        self._equal_in_place(left, left_rows, right, right_rows, starts, ends, out)
+        edges = np.zeros(n + 1, dtype=np.int8)
+        edges[starts] = 1
+        edges[ends] -= 1
+        rest = np.flatnonzero(np.cumsum(edges[:n]) == 0)
+        if len(rest):  # scattered pairs (in order only by position): gather both sides
+            part = np.empty(len(rest), dtype=bool)
+            self._equal_gathered(
+                left, left_rows[rest], right, rest if right_rows is None else right_rows[rest], part
+            )
+            out[rest] = part
+        return out
+
+    def _equal_gathered(
+        self,
+        left: np.ndarray,
+        left_rows: np.ndarray,
+        right: np.ndarray,
+        right_rows: np.ndarray | None,
+        out: np.ndarray,
+    ) -> None:
+        """_equal_rows into ``out``, every pair gathered through the scratch."""
+        a, b, diff = self._scratch
+        step = len(a)
+        for start in range(0, len(left_rows), step):
+            k = min(step, len(left_rows) - start)
             np.take(left, left_rows[start : start + k], axis=0, out=a[:k], mode="clip")
             if right_rows is None:
                 other = right[start : start + k]
             else:
                 other = b[:k]
                 np.take(right, right_rows[start : start + k], axis=0, out=other, mode="clip")
-            np.not_equal(a[:k], other, out=diff[:k])
-            np.logical_not(diff[:k].any(axis=1), out=out[start : start + k])
-        return out
+            _rows_equal(a[:k], other, diff[:k], out[start : start + k])
 
     def _equal_in_place(
         self,
@@ -739,12 +756,12 @@ class FusionEngine:
                 continue
             for start in range(0, hi - lo, step):
                 k = min(step, hi - lo - start)
-                np.not_equal(
+                _rows_equal(
                     left[first + start : first + start + k],
                     right[other + start : other + start + k],
-                    out=diff[:k],
+                    diff[:k],
+                    out[lo + start : lo + start + k],
                 )
-                np.logical_not(diff[:k].any(axis=1), out=out[lo + start : lo + start + k])
 
     def _group(
         self, flat: memoryview, words: np.ndarray, rows: np.ndarray

@@ -67,23 +67,21 @@ class PageMap:
         return out
 
     def __setitem__(self, key: int | np.integer | _Key, frames: _Frames) -> None:
-        if type(frames) is int and type(key) is int:  # one entry: the copy-on-write path
-            if frames >= NARROW_LIMIT:
-                self._widen()
+        if type(frames) is not int:
+            if isinstance(frames, np.ndarray):
+                self._set_many(key, frames)
+                return
+            frames = int(frames)
+        if frames >= NARROW_LIMIT:
+            self._widen()
+        if type(key) is int or isinstance(key, np.integer):  # the copy-on-write path
             self._lo_view[key] = frames & 0xFFFF
             self._hi_view[key] = frames >> 16
-            return
-        if isinstance(frames, (int, np.integer)):
-            frames = int(frames)
-            if frames >= NARROW_LIMIT:
-                self._widen()
-            if isinstance(key, (int, np.integer)):
-                self._lo_view[key] = frames & 0xFFFF
-                self._hi_view[key] = frames >> 16
-            else:
-                self._lo[key] = frames & 0xFFFF
-                self._hi[key] = frames >> 16
-            return
+        else:  # one frame id for several pages
+            self._lo[key] = frames & 0xFFFF
+            self._hi[key] = frames >> 16
+
+    def _set_many(self, key: int | np.integer | _Key, frames: np.ndarray) -> None:
         if len(frames) and not self.wide and int(frames.max()) >= NARROW_LIMIT:
             self._widen()
         # Assigning a uint32 array into uint16 keeps the low bits (a C cast).
