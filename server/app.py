@@ -42,6 +42,13 @@ from pagefusion.v1 import (
 
 log = structlog.get_logger(__name__)
 
+
+def _loop_name() -> str:
+    """``uvloop`` or ``asyncio``: what runs this server's event loop (the serving line says)."""
+    module = type(asyncio.get_running_loop()).__module__
+    return module.split(".", 1)[0]
+
+
 #: Messages may carry a full 4 MiB transfer plus the rest of the message.
 MAX_MESSAGE_BYTES = MAX_TRANSFER_BYTES + (1 << 20)
 
@@ -170,7 +177,8 @@ class PagefusionServer:
         log.info(
             "serving", listen=self.settings.listen, port=self.port,
             data_dir=str(self.settings.data_dir), adapters=sorted(self.adapters),
-            machines=len(self.inventory.ids()), **self.security.describe(),
+            machines=len(self.inventory.ids()), event_loop=_loop_name(),
+            **self.security.describe(),
         )
         return self.port
 

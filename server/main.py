@@ -7,7 +7,7 @@ import asyncio
 import signal
 import sqlite3
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import structlog
@@ -53,6 +53,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                              "on VMs their first touch made first starts several times slower)")
     parser.add_argument("--log-format", choices=("json", "console", "auto"), default="auto",
                         help="log rendering (default: console on a terminal, else JSON)")
+    parser.add_argument("--event-loop", choices=("auto", "uvloop", "asyncio"), default="auto",
+                        help="the asyncio event loop serving calls (default: uvloop where it is "
+                             "installed, else asyncio's own; uvloop serves small calls about "
+                             "10%% faster)")
     parser.add_argument("--port-file", type=Path, metavar="FILE",
                         help="write the bound port to FILE once serving (for --listen ...:0)")
     parser.add_argument("--grace", type=float, default=10.0, metavar="SECONDS",
@@ -96,9 +100,36 @@ async def serve(settings: Settings, port_file: Path | None = None) -> None:
     await server.stop()
 
 
+def loop_factory(choice: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """The event loop factory ``--event-loop`` names (None: asyncio's own loop).
+
+    ``auto`` takes uvloop where it can be imported and falls back to
+    asyncio's loop otherwise; ``uvloop`` requires it.
+
+    Raises:
+        ConfigError: ``uvloop`` was asked for and cannot be imported.
+    """
+    if choice == "asyncio":
+        return None
+    try:
+        import uvloop
+    except ImportError as exc:
+        if choice == "uvloop":
+            raise ConfigError(
+                f"--event-loop uvloop: uvloop cannot be imported ({exc}); "
+                "install it (pip install uvloop) or use --event-loop asyncio") from None
+        return None
+    return uvloop.new_event_loop
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     configure_logging(args.log_format)
+    try:
+        factory = loop_factory(args.event_loop)
+    except ConfigError as exc:
+        log.error("startup_failed", error=str(exc))
+        return 1
     settings = Settings(
         listen=args.listen,
         data_dir=args.data_dir,
@@ -114,7 +145,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         insecure=args.insecure,
     )
     try:
-        asyncio.run(serve(settings, args.port_file))
+        with asyncio.Runner(loop_factory=factory) as runner:
+            runner.run(serve(settings, args.port_file))
     except (OSError, sqlite3.Error, ConfigError) as exc:
         log.error("startup_failed", error=str(exc))
         return 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import signal
@@ -21,7 +22,7 @@ STARTUP = 60.0  # seconds allowed for the process to come up (a guard, not an as
 
 
 class Process:
-    def __init__(self, tmp_path: Path, name: str) -> None:
+    def __init__(self, tmp_path: Path, name: str, *extra: str) -> None:
         self.port_file = tmp_path / f"{name}.port"
         self.log_path = tmp_path / f"{name}.log"
         self.port_file.unlink(missing_ok=True)
@@ -33,6 +34,7 @@ class Process:
                     "--data-dir", str(tmp_path / "data"),
                     "--port-file", str(self.port_file),
                     "--log-format", "json",
+                    *extra,
                 ],
                 stdout=subprocess.DEVNULL, stderr=log, env=os.environ.copy(),
             )
@@ -62,8 +64,8 @@ class Process:
 def spawn(tmp_path):
     procs: list[Process] = []
 
-    def start(name: str) -> Process:
-        procs.append(Process(tmp_path, name))
+    def start(name: str, *extra: str) -> Process:
+        procs.append(Process(tmp_path, name, *extra))
         return procs[-1]
 
     yield start
@@ -149,4 +151,40 @@ def test_bad_listen_address_exits_nonzero(tmp_path):
         capture_output=True, timeout=STARTUP, env=os.environ.copy(), check=False,
     )
     assert result.returncode != 0
+    assert b"Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("choice", ["auto", "uvloop", "asyncio"])
+def test_event_loop_serves_and_is_named_in_the_serving_line(spawn, choice):
+    expected = {"asyncio": "asyncio", "uvloop": "uvloop",
+                "auto": "uvloop" if importlib.util.find_spec("uvloop") else "asyncio"}[choice]
+    proc = spawn("server", "--event-loop", choice)
+    assert proc.health.Check(health_pb2.HealthCheckRequest()).status == (
+        health_pb2.HealthCheckResponse.SERVING
+    )
+    _create(proc, "vm-0")  # a start runs in a worker thread: the loop's executor
+    started = proc.machines.StartMachine(machine_pb2.StartMachineRequest(name="machines/vm-0"))
+    assert started.state == machine_pb2.Machine.STATE_RUNNING
+    with pytest.raises(grpc.RpcError) as caught:
+        proc.machines.GetMachine(machine_pb2.GetMachineRequest(name="machines/none"))
+    assert caught.value.code() is grpc.StatusCode.NOT_FOUND
+    proc.proc.send_signal(signal.SIGTERM)
+    assert proc.proc.wait(STARTUP) == 0
+    lines = proc.log_lines()
+    serving = next(line for line in lines if line["event"] == "serving")
+    assert serving["event_loop"] == expected
+    codes = [line["code"] for line in lines if line.get("event") == "rpc"
+             and line["method"].startswith("/pagefusion.v1.MachineService/")]
+    assert codes == ["OK", "OK", "NOT_FOUND"]
+    assert "stopped" in [line["event"] for line in lines]
+
+
+def test_unknown_event_loop_is_refused(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "pagefusion.server.main", "--event-loop", "tokio",
+         "--data-dir", str(tmp_path / "data")],
+        capture_output=True, timeout=STARTUP, env=os.environ.copy(), check=False,
+    )
+    assert result.returncode == 2
+    assert b"--event-loop: invalid choice: 'tokio'" in result.stderr
     assert b"Traceback" not in result.stderr
