@@ -12,7 +12,9 @@
    server each time.
 2. Per-call overhead, 50 concurrent grpc.aio clients on loopback, against a
    bare grpc.aio server with only the health service, in the same run:
-   health, GetPageInfo, ReadGuestMemory (4 KiB), GetFusionStats.
+   health, GetPageInfo, ReadGuestMemory (4 KiB), GetFusionStats; and health
+   again against the bare server on uvloop, the loop pagefusion-server runs
+   on by default (what our call path costs on the same loop).
 3. Growth: guests of 1 GiB started one after another over gRPC: seconds per
    GiB started and GetFusionStats latency as guest memory grows. The curve
    is measured on several fresh servers and each row is the median of the
@@ -59,7 +61,11 @@ async def main():
     await server.start()
     print(port, flush=True)
     await server.wait_for_termination()
-asyncio.run(main())
+if sys.argv[1:] == ["uvloop"]:
+    import uvloop
+    uvloop.run(main())
+else:
+    asyncio.run(main())
 """
 
 
@@ -164,6 +170,10 @@ def settle(pid: int, limit: float = 60.0) -> float:
     return time.perf_counter() - start
 
 
+#: The overhead row measured against the bare server on uvloop.
+SAME_LOOP_HEALTH = "health, bare on uvloop too"
+
+
 def overhead(
     paths: list[Path], gib_running: int, rounds: int = 1, seconds: float = 3.0
 ) -> list[tuple[str, float, float, float]]:
@@ -174,9 +184,12 @@ def overhead(
     ratios, so load that comes and goes between pairs cancels out.
     """
     bare = subprocess.Popen([sys.executable, "-c", BARE_SERVER], stdout=subprocess.PIPE, text=True)
+    bare_uv = subprocess.Popen([sys.executable, "-c", BARE_SERVER, "uvloop"],
+                               stdout=subprocess.PIPE, text=True)
     try:
-        assert bare.stdout is not None
+        assert bare.stdout is not None and bare_uv.stdout is not None
         bare_address = f"127.0.0.1:{bare.stdout.readline().strip()}"
+        bare_uv_address = f"127.0.0.1:{bare_uv.stdout.readline().strip()}"
         with run_server(allow_dir=SHM) as server, grpc.insecure_channel(server.address) as ch:
             machines = machine_pb2_grpc.MachineServiceStub(ch)
             create(machines, "g0", paths[0])
@@ -191,17 +204,25 @@ def overhead(
                 start_all(machines, [f"big{i}"])
             settle(server.pid)
             rows = []
-            for what in ("health", "GetPageInfo", "ReadGuestMemory", "GetFusionStats"):
+            # The last row: health against the bare server on uvloop, the loop ours
+            # runs on by default, so the ratio shows what our call path costs alone.
+            for what, base_address in (("health", bare_address),
+                                       ("GetPageInfo", bare_address),
+                                       ("ReadGuestMemory", bare_address),
+                                       ("GetFusionStats", bare_address),
+                                       (SAME_LOOP_HEALTH, bare_uv_address)):
+                call = "health" if what == SAME_LOOP_HEALTH else what
                 bases, ours = [], []
                 for _ in range(rounds):  # bare just before ours: the same minutes
-                    bases.append(asyncio.run(rate(bare_address, "health", seconds=seconds)))
-                    ours.append(asyncio.run(rate(server.address, what, seconds=seconds)))
+                    bases.append(asyncio.run(rate(base_address, "health", seconds=seconds)))
+                    ours.append(asyncio.run(rate(server.address, call, seconds=seconds)))
                 ratio = statistics.median(o / b for o, b in zip(ours, bases, strict=True))
                 rows.append((what, statistics.median(ours), statistics.median(bases), ratio))
             return rows
     finally:
-        bare.terminate()
-        bare.wait()
+        for process in (bare, bare_uv):
+            process.terminate()
+            process.wait()
 
 
 def growth(steps: list[int]) -> tuple[float, list[tuple[int, float, float]]]:
@@ -322,6 +343,10 @@ def overhead_section(
     md.append(f"\n### Per-call overhead: 50 grpc.aio clients on loopback, {overhead_gib} GiB "
               "of guests running, against a bare grpc.aio server with only the health "
               f"service (measured {each})\n")
+    md.append("pagefusion-server runs on uvloop (`--event-loop auto`); the bare server on "
+              "asyncio's own loop, as grpc.aio comes, except in the last row, where it runs "
+              "on uvloop too, so that row's ratio is what pagefusion's call path (interceptor, "
+              "request id, access log line, more services) costs on the same loop.\n")
     md.append("| call | pagefusion calls/s | bare grpc.aio health calls/s | ratio |")
     md.append("|---|---|---|---|")
     for what, ours, base, ratio in over:

@@ -9,12 +9,14 @@ give the message built field by field.
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import logging
 import os
 import re
 import sys
+import time
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -237,3 +239,107 @@ def test_a_forked_child_mints_other_request_ids() -> None:
         child = pipe.read().decode()
     parent = "".join(new_request_id() for _ in range(4))
     assert len(child) == len(parent) == 128 and child != parent
+
+
+# -- lines taken on an event loop: written together at the loop's next turn --------
+
+
+def test_lines_on_a_loop_wait_one_turn_then_are_the_chains_lines(stderr: io.StringIO) -> None:
+    configure(stderr)
+
+    async def calls() -> tuple[str, str]:
+        token = structlog.contextvars.bind_contextvars(machine="m1")
+        logs.FastLogger("t").log(logging.INFO, "rpc", **RPC_FIELDS)
+        logs.FastLogger("t").log(logging.ERROR, "rpc", **{**RPC_FIELDS, "code": "INTERNAL"})
+        structlog.contextvars.reset_contextvars(**token)  # the line keeps the call's context
+        held = stderr.getvalue()
+        await asyncio.sleep(0)
+        return held, stderr.getvalue()
+
+    before = time.time()
+    held, written = asyncio.run(calls())
+    assert held == ""
+    fast = written.splitlines()
+    assert len(fast) == 2
+    structlog.contextvars.bind_contextvars(machine="m1")
+    logs.log_safely(structlog.get_logger("t"), logging.INFO, "rpc", **RPC_FIELDS)
+    chain = stderr.getvalue().splitlines()[-1]
+    assert _without_time(fast[0]) == _without_time(chain)
+    assert [json.loads(line)["code"] for line in fast] == ["NOT_FOUND", "INTERNAL"]
+    assert json.loads(fast[1])["level"] == "error"
+    stamp = datetime.fromisoformat(json.loads(fast[0])["timestamp"].replace("Z", "+00:00"))
+    assert before - 1 <= stamp.timestamp() <= time.time()  # the call's time, not the write's
+
+
+def test_other_lines_on_the_loop_keep_the_order_of_the_calls(stderr: io.StringIO) -> None:
+    configure(stderr)
+
+    async def calls() -> None:
+        fast = logs.FastLogger("t")
+        fast.log(logging.INFO, "rpc", **{**RPC_FIELDS, "code": "OK"})
+        structlog.get_logger("t").info("machine_started")  # through the chain, at once
+        fast.log(logging.INFO, "rpc", **{**RPC_FIELDS, "code": "ABORTED"})
+        await asyncio.sleep(0)
+
+    asyncio.run(calls())
+    lines = [json.loads(line) for line in stderr.getvalue().splitlines()]
+    events = [(line["event"], line.get("code")) for line in lines]
+    assert events == [("rpc", "OK"), ("machine_started", None), ("rpc", "ABORTED")]
+
+
+def test_a_value_only_structlog_renders_is_rendered_by_it_in_order(stderr: io.StringIO) -> None:
+    configure(stderr)
+
+    async def calls() -> None:
+        fast = logs.FastLogger("t")
+        fast.log(logging.INFO, "rpc", **{**RPC_FIELDS, "code": "OK"})
+        with structlog.contextvars.bound_contextvars(path=Path("/x")):  # JSONRenderer: repr
+            fast.log(logging.INFO, "rpc", **{**RPC_FIELDS, "code": "UNKNOWN"})
+        fast.log(logging.INFO, "rpc", **{**RPC_FIELDS, "code": "ABORTED"})
+        await asyncio.sleep(0)
+
+    asyncio.run(calls())
+    lines = [json.loads(line) for line in stderr.getvalue().splitlines()]
+    assert [line["code"] for line in lines] == ["OK", "UNKNOWN", "ABORTED"]
+    assert lines[1]["path"] == repr(Path("/x")) and "path" not in lines[2]
+
+
+def test_lines_still_held_when_the_loop_ends_are_written(stderr: io.StringIO) -> None:
+    configure(stderr)
+
+    async def last_call() -> None:
+        logs.FastLogger("t").log(logging.INFO, "rpc", **RPC_FIELDS)  # no turn after it
+
+    asyncio.run(last_call())
+    assert json.loads(stderr.getvalue())["request_id"] == RPC_FIELDS["request_id"]
+
+    # A loop that never turns again: the next line (here, on another loop) writes it first.
+    closed = asyncio.new_event_loop()
+    asyncio.events._set_running_loop(closed)
+    try:
+        logs.FastLogger("t").log(logging.INFO, "rpc", **{**RPC_FIELDS, "code": "CANCELLED"})
+    finally:
+        asyncio.events._set_running_loop(None)
+    closed.close()
+    assert len(stderr.getvalue().splitlines()) == 1
+
+    async def next_call() -> None:
+        logs.FastLogger("t").log(logging.INFO, "rpc", **{**RPC_FIELDS, "code": "OK"})
+
+    asyncio.run(next_call())
+    lines = [json.loads(line) for line in stderr.getvalue().splitlines()]
+    assert [line["code"] for line in lines] == ["NOT_FOUND", "CANCELLED", "OK"]
+
+
+def test_held_lines_a_failing_output_refuses_are_each_counted(stderr: io.StringIO) -> None:
+    stderr.close()
+    configure(stderr)
+    before = logs.dropped_lines()
+
+    async def calls() -> None:
+        for _ in range(3):
+            logs.FastLogger("t").log(logging.INFO, "rpc", **RPC_FIELDS)
+        await asyncio.sleep(0)
+
+    asyncio.run(calls())
+    assert logs.dropped_lines() - before == 3
