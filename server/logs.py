@@ -269,7 +269,7 @@ class _Pending(threading.local):
     def flush(self) -> None:
         """Render and write the kept lines, in order; never raises."""
         lines, self.lines = self.lines, []
-        chain = self.chain
+        chain, self.chain, self.loop = self.chain, None, None  # keep no closed loop alive
         if not lines or chain is None:
             return
         texts: list[str] = []
