@@ -9,8 +9,8 @@ the JSON chain :func:`configure_logging` installed, it renders the same line
 (same fields, same order, same JSON) in one step instead of five processors;
 under any other configuration (console rendering, ``capture_logs``, an
 embedding application's own chain) it goes through structlog as before.
-On an event loop it keeps the call and the loop writes the lines of one turn
-together at the start of the next (:class:`_Pending`).
+On an event loop it keeps the call and the loop writes the lines kept in
+the next 20 ms together (:class:`_Pending`).
 """
 
 from __future__ import annotations
@@ -163,8 +163,8 @@ class FastLogger:
     written through the same :class:`SafePrintLogger`; otherwise, or for a
     field ``json.dumps`` cannot encode by itself, structlog does it. Like
     :func:`log_safely`, it never raises. Called on an event loop, it keeps
-    the call (fields, context variables, time) and the loop writes it at the
-    start of its next turn, with the other lines of this one.
+    the call (fields, context variables, time) and the loop writes it
+    within :data:`FLUSH_SECONDS`, with the other lines kept meanwhile.
 
     Args:
         name: the logger name (as for ``structlog.get_logger``).
@@ -238,17 +238,26 @@ def _render(name: str, event: str, fields: dict[str, Any], context: contextvars.
 _PendingLine = tuple[Any, int, str, str, dict[str, Any], contextvars.Context, int]
 
 
+#: How late a per-RPC line taken on an event loop may be written (seconds), and
+#: how many such lines may wait: like nginx's ``access_log ... buffer= flush=``.
+FLUSH_SECONDS = 0.02
+MAX_PENDING_LINES = 256
+
+
 class _Pending(threading.local):
     """The per-RPC lines an event loop has taken and not yet written (one list per thread).
 
     On an event loop, :meth:`FastLogger.log` keeps the call (its fields, its
-    context variables and its time, all taken then) and the loop writes every
-    line kept in one turn with a single write, at the start of its next turn.
-    Rendering them together costs a fraction of rendering each in the middle
-    of its call, and a line is never more than one loop turn late. A line
-    written any other way in this thread first writes the kept ones, so the
-    file keeps the order lines were logged in; so do a change of logging
-    configuration and the interpreter's exit.
+    context variables and its time, all taken then) and the loop renders and
+    writes the kept lines together, with one write, :data:`FLUSH_SECONDS`
+    after the first of them (or at once when :data:`MAX_PENDING_LINES` wait).
+    grpc finishes calls one per loop turn, so writing each turn's lines
+    would write one at a time; rendering and writing them together costs a
+    fraction of doing it in the middle of each call. A line written any
+    other way in this thread first writes the kept ones, so the file keeps
+    the order lines were logged in; so do a change of logging configuration
+    and the interpreter's exit. A process killed outright loses at most the
+    last :data:`FLUSH_SECONDS` of per-RPC lines.
     """
 
     def __init__(self) -> None:
@@ -257,14 +266,16 @@ class _Pending(threading.local):
         self.loop: asyncio.AbstractEventLoop | None = None  # where the write is scheduled
 
     def add(self, line: _PendingLine, chain: _JsonChain, loop: asyncio.AbstractEventLoop) -> None:
-        """Keep ``line``, to be written for ``chain`` when ``loop`` (running here) turns."""
-        # Another chain, or a loop that ended before its turn came: write those first.
+        """Keep ``line``, to be written for ``chain`` by ``loop`` (running here) soon."""
+        # Another chain, or a loop that ended before the write was due: write those first.
         if self.lines and (chain is not self.chain or loop is not self.loop):
             self.flush()
         if not self.lines:
             self.chain, self.loop = chain, loop
-            loop.call_soon(self.flush)
+            loop.call_later(FLUSH_SECONDS, self.flush)
         self.lines.append(line)
+        if len(self.lines) >= MAX_PENDING_LINES:
+            self.flush()
 
     def flush(self) -> None:
         """Render and write the kept lines, in order; never raises."""
@@ -292,7 +303,7 @@ class _Pending(threading.local):
 
 
 _pending = _Pending()
-atexit.register(lambda: _pending.flush())  # the main thread's, when the loop did not turn again
+atexit.register(lambda: _pending.flush())  # the main thread's, if no write came after them
 
 
 def configure_logging(log_format: LogFormat = "auto", level: int = logging.INFO) -> None:
