@@ -87,7 +87,7 @@ print(time.perf_counter() - t)
 """
 
 
-def first_touch_seconds_per_gib(size: int = 2 * GiB, timeout: float = 120.0) -> float | None:
+def first_touch_seconds_per_gib(size: int = 4 * GiB, timeout: float = 120.0) -> float | None:
     """Seconds per GiB to fault in fresh anonymous memory, in a child process (None: timed out).
 
     What the host charges for memory the guest kernel has not used lately
