@@ -206,12 +206,13 @@ def overhead(
             rows = []
             # The last row: health against the bare server on uvloop, the loop ours
             # runs on by default, so the ratio shows what our call path costs alone.
-            for what, base_address in (("health", bare_address),
-                                       ("GetPageInfo", bare_address),
-                                       ("ReadGuestMemory", bare_address),
-                                       ("GetFusionStats", bare_address),
-                                       (SAME_LOOP_HEALTH, bare_uv_address)):
-                call = "health" if what == SAME_LOOP_HEALTH else what
+            for what, call, base_address in (
+                ("health", "health", bare_address),
+                ("GetPageInfo", "GetPageInfo", bare_address),
+                ("ReadGuestMemory", "ReadGuestMemory", bare_address),
+                ("GetFusionStats", "GetFusionStats", bare_address),
+                (SAME_LOOP_HEALTH, "health", bare_uv_address),
+            ):
                 bases, ours = [], []
                 for _ in range(rounds):  # bare just before ours: the same minutes
                     bases.append(asyncio.run(rate(base_address, "health", seconds=seconds)))
