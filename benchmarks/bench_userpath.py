@@ -20,7 +20,9 @@
    is measured on several fresh servers and each row is the median of the
    runs (every run is printed too): one run's rows, single starts of a few
    seconds, moved by 10 to 25% here with the machine's load, more than the
-   growth they are meant to show.
+   growth they are meant to show. Each row also gives the server's user and
+   system CPU and page faults per GiB (from /proc), so a rise in wall time
+   shows whether it is pagefusion's work or the cost of each fault.
 
 Prints markdown tables; asserts nothing.
 """
@@ -35,6 +37,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -69,10 +72,24 @@ else:
 """
 
 
+class Usage(NamedTuple):
+    """A process's CPU seconds (all threads) and minor page faults, from /proc."""
+
+    user: float
+    system: float
+    faults: int
+
+    @classmethod
+    def of(cls, pid: int) -> Usage:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        tick = os.sysconf("SC_CLK_TCK")
+        return cls(int(fields[11]) / tick, int(fields[12]) / tick, int(fields[7]))
+
+
 def cpu_seconds(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    usage = Usage.of(pid)
+    return usage.user + usage.system
 
 
 def write_guests(mib: int, count: int) -> list[Path]:
@@ -226,14 +243,31 @@ def overhead(
             process.wait()
 
 
-def growth(steps: list[int]) -> tuple[float, list[tuple[int, float, float]]]:
-    """One fresh server's curve: the warm-up's seconds, and per step GiB running,
-    seconds per GiB started and GetFusionStats p50.
+class GrowthRow(NamedTuple):
+    """One row of a growth curve: per GiB started since the row before, and stats latency."""
+
+    gib: int  # GiB of guests running after the row's starts
+    seconds: float  # wall seconds per GiB started
+    stats_p50: float  # GetFusionStats p50, seconds, with ``gib`` running
+    user: float  # the server's user CPU seconds per GiB started
+    system: float  # the server's system CPU seconds per GiB started
+    faults: float  # the server's minor page faults per GiB started
+
+    @property
+    def fault_us(self) -> float:
+        """System time per page fault, microseconds: what the kernel (and the host) charge."""
+        return 1e6 * self.system / self.faults if self.faults else 0.0
+
+
+def growth(steps: list[int]) -> tuple[float, list[GrowthRow]]:
+    """One fresh server's curve: the warm-up's seconds, and a row per step.
 
     A 256 MiB guest is started and stopped first, so the curve shows how the
     cost grows with guest memory, not a fresh server's one-time costs (the
     synthetic adapter's template pages, first touches); its time is reported.
-    The cold path has its own section.
+    The cold path has its own section. Each row also takes the server's CPU
+    time and page faults from /proc: where wall time per GiB rises but user
+    CPU and faults per GiB do not, the rise is the cost of each fault.
     """
     rows = []
     with run_server() as server, grpc.insecure_channel(server.address) as ch:
@@ -247,6 +281,7 @@ def growth(steps: list[int]) -> tuple[float, list[tuple[int, float, float]]]:
         machines.StopMachine(mpb.StopMachineRequest(name="machines/warmup"))
         started = 0
         for gib in steps:
+            before = Usage.of(server.pid)
             t = time.perf_counter()
             for i in range(started, gib):
                 machine = mpb.Machine(
@@ -256,14 +291,18 @@ def growth(steps: list[int]) -> tuple[float, list[tuple[int, float, float]]]:
                 request = mpb.CreateMachineRequest(machine_id=f"n{i}", machine=machine)
                 machines.CreateMachine(request)
                 start_all(machines, [f"n{i}"])
-            per_gib = (time.perf_counter() - t) / (gib - started)
+            n = gib - started
+            per_gib = (time.perf_counter() - t) / n
+            after = Usage.of(server.pid)
             started = gib
             times = []
             for _ in range(100):
                 s = time.perf_counter()
                 fusion.GetFusionStats(fpb.GetFusionStatsRequest())
                 times.append(time.perf_counter() - s)
-            rows.append((gib, per_gib, statistics.median(times)))
+            rows.append(GrowthRow(
+                gib, per_gib, statistics.median(times), (after.user - before.user) / n,
+                (after.system - before.system) / n, (after.faults - before.faults) / n))
     return warmup, rows
 
 
@@ -355,17 +394,49 @@ def overhead_section(
     return md
 
 
-#: The last growth measurement's rows (GiB running, s per GiB, stats p50), for plots:
-#: medians over the runs.
-LAST_GROWTH: list[tuple[int, float, float]] = []
+#: The last growth measurement's rows, for plots: medians over the runs.
+LAST_GROWTH: list[GrowthRow] = []
 
 
-def growth_curves(
-    steps: list[int], runs: int
-) -> tuple[list[float], list[list[tuple[int, float, float]]]]:
+def growth_curves(steps: list[int], runs: int) -> tuple[list[float], list[list[GrowthRow]]]:
     """:func:`growth` on ``runs`` fresh servers, one after another: warm-ups and curves."""
     results = [growth(steps) for _ in range(runs)]
     return [w for w, _ in results], [c for _, c in results]
+
+
+def median_rows(curves: list[list[GrowthRow]]) -> list[GrowthRow]:
+    """Row by row, the median of each field over the curves."""
+    return [
+        GrowthRow(rows[0].gib, *(statistics.median(getattr(r, f) for r in rows)
+                                 for f in GrowthRow._fields[1:]))
+        for rows in zip(*curves, strict=True)
+    ]
+
+
+def growth_profile(grow: list[GrowthRow], limit: float = 0.15) -> str:
+    """What the server did per GiB, row by row, and whether that explains the wall time.
+
+    The claim that a rise is the faults' cost is made only when the numbers
+    show it: wall time per GiB spreads past ``limit``, user CPU per GiB does
+    not, and system time per fault at least doubles. (Faults per GiB are
+    shown, not judged: the first guest needs more new frames than the ones
+    that share its pages.)
+    """
+    user = [r.user for r in grow]
+    faults = [r.faults for r in grow]
+    fault_us = [r.fault_us for r in grow]
+    text = (f"The server's work per GiB started (medians, from /proc): user CPU {min(user):.2f} "
+            f"to {max(user):.2f} s ({spread(user):.0%} spread), page faults {min(faults):,.0f} "
+            f"to {max(faults):,.0f}; system time per fault {min(fault_us):.1f} to "
+            f"{max(fault_us):.1f} us.")
+    wall = [r.seconds for r in grow]
+    if (spread(wall) > limit and spread(user) <= limit
+            and min(fault_us) > 0 and max(fault_us) >= 2 * min(fault_us)):
+        text += (f" User CPU per GiB stays within {limit:.0%} while each fault costs "
+                 f"{max(fault_us) / min(fault_us):.1f} times more in one row than in another: "
+                 "the rise is the kernel's cost of backing fresh memory (on this VM, the "
+                 "hypervisor's: see the first-touch probe above), not more work by pagefusion.")
+    return text
 
 
 def spread(values: list[float]) -> float:
@@ -378,11 +449,7 @@ def growth_section(growth_steps: list[int], runs: int = 5) -> list[str]:
     load = os.getloadavg()[0]
     warmups, curves = growth_curves(growth_steps, max(1, runs))
     load_after = os.getloadavg()[0]
-    grow = [
-        (gib, statistics.median(c[i][1] for c in curves),
-         statistics.median(c[i][2] for c in curves))
-        for i, gib in enumerate(growth_steps)
-    ]
+    grow = median_rows(curves)
     LAST_GROWTH[:] = grow
     warmup = f"{statistics.median(warmups):.2f} s"
     if len(warmups) > 1:
@@ -404,17 +471,21 @@ def growth_section(growth_steps: list[int], runs: int = 5) -> list[str]:
               f"so the rows show how the cost grows with guest memory.{rows_are} "
               f"{runs_are}; load average {load:.2f} before, {load_after:.2f} after.\n")
     md.append("| GiB running | seconds per GiB started (median) | GetFusionStats p50 (median) | "
-              "each run (s per GiB) |")
-    md.append("|---|---|---|---|")
-    for i, (gib, per_gib, p50) in enumerate(grow):
-        each = ", ".join(f"{c[i][1]:.2f}" for c in curves)
-        md.append(f"| {gib} | {per_gib:.2f} s | {p50 * 1e3:.2f} ms | {each} |")
-    per = [r[1] for r in grow]
+              "each run (s per GiB) | server CPU per GiB: user, system | page faults per GiB | "
+              "system time per fault |")
+    md.append("|---|---|---|---|---|---|---|")
+    for i, row in enumerate(grow):
+        each = ", ".join(f"{c[i].seconds:.2f}" for c in curves)
+        md.append(f"| {row.gib} | {row.seconds:.2f} s | {row.stats_p50 * 1e3:.2f} ms | {each} | "
+                  f"{row.user:.2f} s, {row.system:.2f} s | {row.faults:,.0f} | "
+                  f"{row.fault_us:.1f} us |")
+    per = [r.seconds for r in grow]
     md.append(f"\nSeconds per GiB (medians): {min(per):.2f} to {max(per):.2f} "
               f"({spread(per):.0%} spread; target within 15%).")
     if len(curves) > 1:
-        each = ", ".join(f"{spread([r[1] for r in c]):.0%}" for c in curves)
+        each = ", ".join(f"{spread([r.seconds for r in c]):.0%}" for c in curves)
         md.append(f"Spread of each run alone: {each}.")
+    md.append(growth_profile(grow))
     return md
 
 

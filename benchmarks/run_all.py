@@ -34,7 +34,7 @@ import sys
 import time
 import traceback
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -55,6 +55,9 @@ from bench_common import (
     table,
     verdict,
 )
+
+if TYPE_CHECKING:  # imported where section 0 runs: it needs the installed package
+    import bench_userpath
 
 HERE = Path(__file__).resolve().parent
 COMMAND = "python benchmarks/run_all.py"
@@ -937,18 +940,22 @@ def section_hints(cfg: Config, hints: dict[str, Any], plot: Plotter) -> str:
 KSM_SEEN: dict[str, tuple[float | None, float | None]] = {}
 
 
-def growth_plot(plot: Plotter, rows: list[tuple[int, float, float]]) -> str:
-    """Seconds per GiB started and GetFusionStats p50 against GiB running."""
+def growth_plot(plot: Plotter, rows: list[bench_userpath.GrowthRow]) -> str:
+    """Seconds per GiB started, the server's user CPU per GiB and GetFusionStats p50
+    against GiB running."""
     name = None
     if plot.available and rows:
         fig, ax = plot.figure()
-        gib = [r[0] for r in rows]
-        ax.plot(gib, [r[1] for r in rows], "o-", color="tab:blue", label="seconds per GiB started")
+        gib = [r.gib for r in rows]
+        ax.plot(gib, [r.seconds for r in rows], "o-", color="tab:blue",
+                label="seconds per GiB started")
+        ax.plot(gib, [r.user for r in rows], "^:", color="tab:green",
+                label="server user CPU s per GiB")
         ax.set_xlabel("GiB of guests running")
         ax.set_ylabel("seconds per GiB started")
         ax.set_ylim(bottom=0)
         ax2 = ax.twinx()
-        ax2.plot(gib, [r[2] * 1e3 for r in rows], "s--", color="tab:orange",
+        ax2.plot(gib, [r.stats_p50 * 1e3 for r in rows], "s--", color="tab:orange",
                  label="GetFusionStats p50 (ms)")
         ax2.set_ylabel("GetFusionStats p50 (ms)")
         ax2.set_ylim(bottom=0)

@@ -56,6 +56,9 @@ def test_quick_run_writes_the_report(tmp_path: Path) -> None:
     assert "| pagefusion ingest (fresh engine, fusion on) |" in report
     assert "| write to a SHARED page |" in report
     assert "share of content's savings" in report
+    # The growth table carries the server's own work per row (issue 11's profile).
+    assert "| page faults per GiB | system time per fault |" in report
+    assert "The server's work per GiB started (medians, from /proc): user CPU" in report
     for metric in ("Ingest >= 1/2 of hash-only throughput", "Metadata <= 8 bytes per guest page",
                    "Copy-on-write write p50 <= 10 us in-process"):
         assert metric in report
@@ -65,6 +68,30 @@ def test_quick_run_writes_the_report(tmp_path: Path) -> None:
             assert (tmp_path / "figures" / png).stat().st_size > 1000, png
     else:
         assert "matplotlib is not installed" in report
+
+
+def test_growth_profile_blames_faults_only_when_the_numbers_show_it() -> None:
+    userpath = _load("bench_userpath")
+    row = userpath.GrowthRow
+
+    def claims(rows: list) -> bool:
+        return "not more work by pagefusion" in userpath.growth_profile(rows)
+
+    flat_user = [row(1, 0.80, 1e-3, 0.80, 0.30, 150_000), row(8, 1.20, 1e-3, 0.85, 1.00, 100_000)]
+    assert claims(flat_user)
+    assert "2.0 to 10.0 us" in userpath.growth_profile(flat_user)
+    # Wall time flat: nothing to explain.
+    assert not claims([row(1, 0.80, 1e-3, 0.80, 0.30, 150_000),
+                       row(8, 0.85, 1e-3, 0.85, 1.00, 100_000)])
+    # User CPU grew with the wall time: that is pagefusion's own work.
+    assert not claims([row(1, 0.80, 1e-3, 0.80, 0.30, 150_000),
+                       row(8, 1.20, 1e-3, 1.10, 1.00, 100_000)])
+    # Each fault cost the same: the rise is not the faults'.
+    assert not claims([row(1, 0.80, 1e-3, 0.80, 0.30, 150_000),
+                       row(8, 1.20, 1e-3, 0.85, 0.25, 100_000)])
+    # Medians are taken field by field over the runs.
+    runs = [[row(1, s, 1e-3, u, 0.3, 1000)] for s, u in ((1.0, 0.7), (3.0, 0.9), (2.0, 0.8))]
+    assert userpath.median_rows(runs) == [row(1, 2.0, 1e-3, 0.8, 0.3, 1000)]
 
 
 def test_ksm_plateau_and_time_to_99_percent() -> None:
