@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 import grpc
+from bench_ksm import ProcUsage, proc_cpu_seconds
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from pagefusion.adapters.base import AdapterContext
@@ -70,26 +71,6 @@ if sys.argv[1:] == ["uvloop"]:
 else:
     asyncio.run(main())
 """
-
-
-class Usage(NamedTuple):
-    """A process's CPU seconds (all threads) and minor page faults, from /proc."""
-
-    user: float
-    system: float
-    faults: int
-
-    @classmethod
-    def of(cls, pid: int) -> Usage:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        tick = os.sysconf("SC_CLK_TCK")
-        return cls(int(fields[11]) / tick, int(fields[12]) / tick, int(fields[7]))
-
-
-def cpu_seconds(pid: int) -> float:
-    usage = Usage.of(pid)
-    return usage.user + usage.system
 
 
 def write_guests(mib: int, count: int) -> list[Path]:
@@ -128,14 +109,14 @@ def cold_warm(paths: list[Path], repeats: int) -> list[tuple[float, float, float
             ids = [f"g{i}" for i in range(len(paths))]
             for machine_id, path in zip(ids, paths, strict=True):
                 create(machines, machine_id, path)
-            c0 = cpu_seconds(server.pid)
+            c0 = proc_cpu_seconds(server.pid)
             cold = start_all(machines, ids)
-            c1 = cpu_seconds(server.pid)
+            c1 = proc_cpu_seconds(server.pid)
             for machine_id in ids:
                 machines.StopMachine(mpb.StopMachineRequest(name=f"machines/{machine_id}"))
-            c2 = cpu_seconds(server.pid)
+            c2 = proc_cpu_seconds(server.pid)
             warm = start_all(machines, ids)
-            c3 = cpu_seconds(server.pid)
+            c3 = proc_cpu_seconds(server.pid)
             rows.append((cold, c1 - c0, warm, c3 - c2))
     return rows
 
@@ -180,9 +161,9 @@ def settle(pid: int, limit: float = 60.0) -> float:
     """
     start = time.perf_counter()
     while time.perf_counter() - start < limit:
-        before = cpu_seconds(pid)
+        before = proc_cpu_seconds(pid)
         time.sleep(0.5)
-        if cpu_seconds(pid) - before < 0.025:
+        if proc_cpu_seconds(pid) - before < 0.025:
             break
     return time.perf_counter() - start
 
@@ -267,7 +248,7 @@ def growth(steps: list[int]) -> tuple[float, list[GrowthRow]]:
     synthetic adapter's template pages, first touches); its time is reported.
     The cold path has its own section. Each row also takes the server's CPU
     time and page faults from /proc: where wall time per GiB rises but user
-    CPU and faults per GiB do not, the rise is the cost of each fault.
+    CPU per GiB does not, the rise is the cost of each fault.
     """
     rows = []
     with run_server() as server, grpc.insecure_channel(server.address) as ch:
@@ -281,7 +262,7 @@ def growth(steps: list[int]) -> tuple[float, list[GrowthRow]]:
         machines.StopMachine(mpb.StopMachineRequest(name="machines/warmup"))
         started = 0
         for gib in steps:
-            before = Usage.of(server.pid)
+            before = ProcUsage.of(server.pid)
             t = time.perf_counter()
             for i in range(started, gib):
                 machine = mpb.Machine(
@@ -293,7 +274,7 @@ def growth(steps: list[int]) -> tuple[float, list[GrowthRow]]:
                 start_all(machines, [f"n{i}"])
             n = gib - started
             per_gib = (time.perf_counter() - t) / n
-            after = Usage.of(server.pid)
+            after = ProcUsage.of(server.pid)
             started = gib
             times = []
             for _ in range(100):
